@@ -1,0 +1,214 @@
+"""Typed configuration: one dataclass per concern, values in `configs/` YAML groups.
+
+Every field has a comment saying what it means. `__post_init__` checks run when Hydra's DictConfig is turned
+into these objects (`to_config`), so a bad value fails at start-up with the key named in the message.
+Nothing is registered on import: entry points call `register_configs()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+SOURCES = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagenet", "imagenet_lt")
+KERNELS = ("gaussian", "laplacian", "cauchy", "matern", "linear")
+METHODS = ("csdm", "ncfm", "dm", "random")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and says what is allowed."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config `{key}`: {msg}")
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # dataset id, e.g. fashion_mnist_lt; also the folder name under data_root
+    source: str = MISSING  # raw format: one of SOURCES
+    raw_root: str = MISSING  # folder holding the raw dataset files (see README, "Datasets")
+    data_root: str = "data"  # where the long-tailed WebDataset shards are written and read
+    num_classes: int = MISSING  # classes in the raw dataset
+    channels: int = MISSING  # 1 (grey) or 3 (RGB)
+    image_size: int = MISSING  # images are square, resized to this on build when the source differs
+    imbalance_factor: float = 100.0  # IF = n_max / n_min; n_c = floor(n_max * IF^(-c/(C-1)))
+    n_max: Optional[int] = None  # head-class count; None: the largest class of the raw training split
+    split_lists: Optional[str] = None  # imagenet_lt only: folder with ImageNet_LT_{train,test}.txt
+    samples_per_shard: int = 2000  # samples per WebDataset tar shard
+    seed: int = 0  # pinned seed choosing which images form the long-tailed subset
+    mean: list[float] = field(default_factory=list)  # per-channel normalisation mean (0-1 pixel scale)
+    std: list[float] = field(default_factory=list)  # per-channel normalisation std
+
+    def __post_init__(self) -> None:
+        _check(self.source in SOURCES, "dataset.source", f"{self.source!r} is not one of {SOURCES}")
+        _check(self.num_classes >= 2, "dataset.num_classes", f"needs at least 2 classes, got {self.num_classes}")
+        _check(self.channels in (1, 3), "dataset.channels", f"must be 1 or 3, got {self.channels}")
+        _check(self.image_size >= 8, "dataset.image_size", f"must be >= 8, got {self.image_size}")
+        _check(self.imbalance_factor >= 1, "dataset.imbalance_factor", f"must be >= 1, got {self.imbalance_factor}")
+        _check(self.n_max is None or self.n_max >= 1, "dataset.n_max", f"must be >= 1 or null, got {self.n_max}")
+        _check(self.samples_per_shard >= 1, "dataset.samples_per_shard", "must be >= 1")
+        _check(len(self.mean) == self.channels and len(self.std) == self.channels,
+               "dataset.mean/std", f"need {self.channels} values each, got {len(self.mean)} and {len(self.std)}")
+        _check(all(s > 0 for s in self.std), "dataset.std", "values must be > 0")
+        _check(self.source != "imagenet_lt" or bool(self.split_lists), "dataset.split_lists",
+               "imagenet_lt needs the folder holding ImageNet_LT_train.txt and ImageNet_LT_test.txt")
+
+
+@dataclass
+class KernelConfig:
+    name: str = "gaussian"  # one of KERNELS; `linear` matches feature means (DM)
+    bandwidth: float = 1.0  # s in the kernel; frequencies scale as 1/s
+    nu: float = 1.5  # matern smoothness; 2*nu must be a positive integer (Student-t dof)
+    num_freqs: int = 4096  # M, frequencies drawn fresh every step
+
+    def __post_init__(self) -> None:
+        _check(self.name in KERNELS, "method.kernel.name", f"unknown kernel {self.name!r}; choose from {KERNELS}")
+        _check(self.bandwidth > 0, "method.kernel.bandwidth", f"must be > 0, got {self.bandwidth}")
+        _check(self.nu > 0 and float(2 * self.nu).is_integer(), "method.kernel.nu",
+               f"2*nu must be a positive integer (0.5, 1.5, 2.5, ...), got {self.nu}")
+        _check(self.num_freqs >= 1, "method.kernel.num_freqs", f"must be >= 1, got {self.num_freqs}")
+
+
+@dataclass
+class WeightingConfig:
+    schedule: str = "loglinear"  # alpha_c: `loglinear` in the class count n_c, or `constant` (= alpha_head)
+    alpha_head: float = 0.8  # alpha of the largest class: weight of the amplitude (diversity) term
+    alpha_tail: float = 0.2  # alpha of the smallest class; 1 - alpha weighs the phase (realism) term
+    form: str = "mmd2"  # `mmd2`: E_t[...]; `sqrt`: E_t sqrt(...) as in NCFM
+    loss_scale: float = 1.0  # multiplies the loss (NCFM uses 300)
+
+    def __post_init__(self) -> None:
+        _check(self.schedule in ("loglinear", "constant"), "method.weighting.schedule",
+               f"{self.schedule!r} is not `loglinear` or `constant`")
+        for key in ("alpha_head", "alpha_tail"):
+            v = getattr(self, key)
+            _check(0.0 < v < 1.0, f"method.weighting.{key}", f"must lie strictly inside (0, 1), got {v}")
+        _check(self.form in ("mmd2", "sqrt"), "method.weighting.form", f"{self.form!r} is not `mmd2` or `sqrt`")
+        _check(self.loss_scale > 0, "method.weighting.loss_scale", "must be > 0")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "csdm"  # one of METHODS
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    normalize_features: bool = True  # L2-normalise features before the statistics (False for DM)
+
+    def __post_init__(self) -> None:
+        _check(self.name in METHODS, "method.name", f"unknown method {self.name!r}; choose from {METHODS}")
+
+
+@dataclass
+class ExtractorConfig:
+    arch: str = "convnet"  # `convnet` or `resnet18`
+    width: int = 128  # ConvNet channels
+    depth: int = 3  # ConvNet blocks (3 at 28-32 px, 4 at 64 px, 5 at 128 px)
+    norm: str = "instancenorm"  # `instancenorm`, `batchnorm` or `none`
+    mode: str = "random"  # `random`: fresh init every step; `pool`: interpolate a pretrained pool
+    pool_path: Optional[str] = None  # pool file written by `python -m csdm_dist.pretrain` (mode=pool)
+    pool_size: int = 4  # networks in the pool (pretrain)
+    pool_epochs: int = 10  # epochs of pre-training per pool network (pretrain)
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ("convnet", "resnet18"), "extractor.arch", f"{self.arch!r} is not convnet or resnet18")
+        _check(self.norm in ("instancenorm", "batchnorm", "none"), "extractor.norm", f"{self.norm!r} is unknown")
+        _check(self.mode in ("random", "pool"), "extractor.mode", f"{self.mode!r} is not `random` or `pool`")
+        _check(self.mode != "pool" or bool(self.pool_path), "extractor.pool_path",
+               "mode=pool needs the pool file: run `python -m csdm_dist.pretrain` and pass extractor.pool_path=...")
+        _check(self.width >= 1 and self.depth >= 1, "extractor.width/depth", "must be >= 1")
+
+
+@dataclass
+class DistillConfig:
+    iterations: int = 300  # optimisation steps of the synthetic set
+    real_per_class: int = 64  # expected real images per class per step (Bernoulli subsampling)
+    init: str = "real"  # synthetic init: `real` images or gaussian `noise`
+    small_class_policy: str = "repeat"  # IPC > n_c: `repeat` real images at init (logged) or `error`
+    optimizer: str = "adam"  # `adam` or `sgd`, on the synthetic pixels
+    lr: float = 0.01  # learning rate of the synthetic pixels
+    momentum: float = 0.5  # sgd momentum
+    augment: bool = True  # differentiable siamese augmentation on real and synthetic batches
+    log_every: int = 10  # TensorBoard scalars every this many steps
+    image_every: int = 100  # TensorBoard image grids every this many steps
+    checkpoint_every: int = 100  # checkpoint every this many steps (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+
+    def __post_init__(self) -> None:
+        _check(self.iterations >= 0, "distill.iterations", f"must be >= 0, got {self.iterations}")
+        _check(self.real_per_class >= 1, "distill.real_per_class", "must be >= 1")
+        _check(self.init in ("real", "noise"), "distill.init", f"{self.init!r} is not `real` or `noise`")
+        _check(self.small_class_policy in ("repeat", "error"), "distill.small_class_policy",
+               f"{self.small_class_policy!r} is not `repeat` or `error`")
+        _check(self.optimizer in ("adam", "sgd"), "distill.optimizer", f"{self.optimizer!r} is not adam or sgd")
+        _check(self.lr > 0, "distill.lr", "must be > 0")
+        _check(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "distill.checkpoint_every",
+               "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "dm"  # `dm` (SGD, step decay) or `ncfm` (AdamW, halvings, CutMix)
+    epochs: int = 300  # training epochs on the distilled set
+    repeats: int = 2  # fresh networks trained per evaluation
+    batch_size: int = 256
+    arch: str = "convnet"  # evaluation network (same builder as the extractor)
+    augment: bool = True  # differentiable augmentation while training
+    test_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.protocol in ("dm", "ncfm"), "eval.protocol", f"{self.protocol!r} is not `dm` or `ncfm`")
+        _check(self.epochs >= 1, "eval.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.repeats >= 1, "eval.repeats", f"must be >= 1, got {self.repeats}")
+        _check(self.arch in ("convnet", "resnet18"), "eval.arch", f"{self.arch!r} is not convnet or resnet18")
+
+
+@dataclass
+class ParallelConfig:
+    replicas: int = 1  # replica groups; world = replicas x shards
+
+    def __post_init__(self) -> None:
+        _check(self.replicas >= 1, "parallel.replicas", f"must be >= 1, got {self.replicas}")
+
+
+@dataclass
+class Config:
+    dataset: DataConfig = MISSING
+    method: MethodConfig = MISSING
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ipc: int = 10  # synthetic images per class
+    seed: int = 0  # seeds every random draw of the run
+    out_dir: str = "runs/${dataset.name}/${method.name}-ipc${ipc}-seed${seed}"  # the run directory
+    device: str = "auto"  # `auto` (cuda if present, else cpu), `cpu` or `cuda`
+    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    evaluate: bool = True  # evaluate the distilled set at the end of distillation
+    baseline: bool = True  # also evaluate the random-real baseline and print both in the results table
+
+    def __post_init__(self) -> None:
+        _check(self.ipc >= 1, "ipc", f"must be >= 1, got {self.ipc}")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
+
+
+def register_configs() -> None:
+    """Store the schemas so that YAML files can start from them (`defaults: [base_dataset, _self_]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="dataset", name="base_dataset", node=DataConfig)
+    cs.store(group="method", name="base_method", node=MethodConfig)
+
+
+def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Resolve interpolations and build the typed (validated) Config."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, Config)
+    return obj
