@@ -157,11 +157,13 @@ class EvalConfig:
     arch: str = "convnet"  # evaluation network (same builder as the extractor)
     augment: bool = True  # differentiable augmentation while training
     test_batch_size: int = 1000
+    test_points: int = 1  # test this many times, evenly spaced (the last at the final epoch); best = max
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("dm", "ncfm"), "eval.protocol", f"{self.protocol!r} is not `dm` or `ncfm`")
         _check(self.epochs >= 1, "eval.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.repeats >= 1, "eval.repeats", f"must be >= 1, got {self.repeats}")
+        _check(1 <= self.test_points <= self.epochs, "eval.test_points", "must be between 1 and eval.epochs")
         _check(self.arch in ("convnet", "resnet18"), "eval.arch", f"{self.arch!r} is not convnet or resnet18")
 
 

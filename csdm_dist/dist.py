@@ -1,0 +1,123 @@
+"""The process environment and the parallel layout, in one place.
+
+`init_distributed()` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and,
+when none is set, makes a world of one: a process group of size 1 over an in-memory store, so the code below
+takes one path at every scale. world = replicas x shards (DESIGN.md section 4): ranks
+[r * shards, (r + 1) * shards) form replica r's shard group, which splits the real data and the synthetic images
+and all-reduces statistics; ranks with the same shard index form a replica group (DeepSpeed's data-parallel group).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Runtime:
+    """Join (or make) the process group; the device is cuda:LOCAL_RANK when CUDA is used, else the CPU."""
+    present = [v for v in _TORCHRUN_VARS if v in os.environ]
+    if present and len(present) != len(_TORCHRUN_VARS):
+        missing = sorted(set(_TORCHRUN_VARS) - set(present))
+        raise RuntimeError(f"partial distributed environment: {present} are set but {missing} are not; "
+                           "launch with torchrun, or unset them to run as a single process")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but CUDA is not available; use device=cpu or device=auto")
+    backend = "nccl" if use_cuda else "gloo"
+    if present:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    else:
+        rank, world, local = 0, 1, 0
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        if present:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Runtime(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Who shares what. Also DeepSpeed's `mpu`: data parallel = the replicas of one synthetic slice."""
+
+    world_size: int
+    replicas: int
+    shards: int
+    replica: int  # which replica group this rank is in
+    shard_rank: int  # index of this rank's data / synthetic slice within its replica
+    shard_group: object
+    replica_group: object
+
+    @classmethod
+    def from_world(cls, replicas: int, rank: int, world_size: int) -> "ParallelLayout":
+        if world_size % replicas:
+            raise ValueError(f"parallel.replicas={replicas} does not divide the world size {world_size}: "
+                             f"world = replicas x shards must hold")
+        shards = world_size // replicas
+        shard_groups = [dist.new_group(list(range(r * shards, (r + 1) * shards))) for r in range(replicas)]
+        replica_groups = [dist.new_group(list(range(s, world_size, shards))) for s in range(shards)]
+        return cls(world_size, replicas, shards, rank // shards, rank % shards,
+                   shard_groups[rank // shards], replica_groups[rank % shards])
+
+    # --- the mpu interface DeepSpeed asks for -----------------------------------------------------------
+    def get_data_parallel_group(self):
+        return self.replica_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.replicas
+
+    def get_data_parallel_rank(self) -> int:
+        return self.replica
+
+    def get_model_parallel_group(self):
+        return self.shard_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.shards
+
+    def get_model_parallel_rank(self) -> int:
+        return self.shard_rank
+
+
+def all_reduce_sum(t: Tensor, group) -> Tensor:
+    """Sum over the group, returned as a new tensor (no autograd)."""
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def global_sum_local_grad(t: Tensor, group) -> Tensor:
+    """Value: the sum of `t` over the group. Gradient: flows to the local `t` only (straight-through).
+
+    With the loss evaluated identically on every rank, each rank gets the exact gradient for its own inputs, so
+    no gradient is communicated.
+    """
+    return t + (all_reduce_sum(t, group) - t.detach())

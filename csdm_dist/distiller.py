@@ -1,0 +1,181 @@
+"""The distillation loop. Per step: draws, real statistics (all-reduced), synthetic statistics (global value,
+local gradient), loss, backward, optimizer step, then maybe log and checkpoint. Every random draw is keyed by
+(seed, step, ...), so a resumed run needs only the step and the optimizer state to continue exactly.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from . import checkpoint, rng
+from . import spectral as S
+from .augment import NUM_UNIFORMS, augment, pick_op
+from .config import Config
+from .dist import ParallelLayout, Runtime, all_reduce_sum, global_sum_local_grad
+from .extractors import Extractor
+from .synthetic import SyntheticSet
+from .tblog import NullLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Normalizer:
+    mean: Tensor  # [1, C, 1, 1]
+    std: Tensor
+
+    @classmethod
+    def build(cls, mean: list[float], std: list[float], device: torch.device) -> "Normalizer":
+        return cls(torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+    def __call__(self, x_uint8: Tensor) -> Tensor:
+        return (x_uint8.float() / 255.0 - self.mean) / self.std
+
+    def to_unit(self, x: Tensor) -> Tensor:
+        return (x * self.std + self.mean).clamp(0, 1)
+
+
+@dataclass
+class RealData:
+    """This rank's share of the real training set, on the device, plus the global per-class counts."""
+    images: Tensor  # uint8 [N, C, H, W]
+    labels: Tensor
+    ids: Tensor
+    counts: Tensor  # [num_classes] over the whole set (manifest)
+
+
+class Distiller:
+    def __init__(self, cfg: Config, rt: Runtime, layout: ParallelLayout, real: RealData, syn: SyntheticSet,
+                 norm: Normalizer, logger: NullLogger, run_dir: Path):
+        self.cfg, self.rt, self.layout, self.real, self.syn, self.norm = cfg, rt, layout, real, syn, norm
+        self.logger, self.run_dir = logger, run_dir
+        d = cfg.dataset
+        self.num_classes = d.num_classes
+        self.extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device,
+                                   normalize=cfg.method.normalize_features)
+        self.kernel = cfg.method.kernel
+        self.alpha = S.alpha_schedule(real.counts, cfg.method.weighting.alpha_head, cfg.method.weighting.alpha_tail,
+                                      cfg.method.weighting.schedule).to(rt.device)
+        # expected real images per class per step: each image is kept with probability p_c
+        self.keep_prob = (cfg.distill.real_per_class / real.counts.float()).clamp(max=1.0).to(rt.device)
+        opt = cfg.distill
+        if opt.optimizer == "adam":
+            self.optimizer = torch.optim.Adam([syn.images], lr=opt.lr)
+        else:
+            self.optimizer = torch.optim.SGD([syn.images], lr=opt.lr, momentum=opt.momentum)
+        self.step = 0
+        self.step_times: list[float] = []
+        self.ckpt_root = run_dir / "checkpoints"
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def real_batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        r = self.real
+        u = rng.sample_uniforms(r.ids, self.cfg.seed, step, rng.REAL_PICK).squeeze(1).to(r.labels.device)
+        keep = u < self.keep_prob[r.labels]
+        idx = keep.nonzero().squeeze(1)  # host sync: the batch size is data dependent
+        return self.norm(r.images[idx]), r.labels[idx], r.ids[idx]
+
+    def statistics(self, x: Tensor, ids: Tensor, labels: Tensor, op: str | None, stream: int, freqs: Tensor | None,
+                   step: int) -> tuple[Tensor, Tensor]:
+        if op is not None:
+            x = augment(x, op, rng.sample_uniforms(ids, self.cfg.seed, step, stream, NUM_UNIFORMS))
+        return S.class_statistics(self.extractor.embed(x), labels, self.num_classes, freqs)
+
+    def loss(self, real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        w = self.cfg.method.weighting
+        if self.kernel.name == "linear":
+            return S.mean_matching_loss(real, syn, w.loss_scale)
+        return S.spectral_loss(real, syn, self.alpha, w.form, w.loss_scale)
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        cfg, group = self.cfg, self.layout.shard_group
+        g = rng.generator(cfg.seed, step, rng.EXTRACTOR, self.layout.replica)  # shared by the replica's ranks
+        self.extractor.prepare(g)
+        freqs = None
+        if self.kernel.name != "linear":
+            freqs = S.sample_frequencies(self.kernel.name, self.kernel.num_freqs, self.extractor.feature_dim,
+                                         self.kernel.bandwidth, g, self.kernel.nu, self.rt.device)
+        op = pick_op(g) if cfg.distill.augment else None
+
+        with torch.no_grad():
+            x, y, ids = self.real_batch(step)
+            sums, n = self.statistics(x, ids, y, op, rng.REAL_AUG, freqs, step)
+            packed = all_reduce_sum(torch.cat([sums, n.unsqueeze(1)], 1), group)
+            real = (packed[:, :-1], packed[:, -1])
+
+        s_sums, s_n = self.statistics(self.syn.images, self.syn.ids, self.syn.labels, op, rng.SYN_AUG, freqs, step)
+        syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
+        out = self.loss(real, syn)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.optimizer.step()
+        out["real_images"] = real[1].sum()
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.cfg.distill
+        self.maybe_resume()
+        bar = tqdm(range(self.step, cfg.iterations), initial=self.step, total=cfg.iterations, desc="distil",
+                   disable=not self.rt.is_main, dynamic_ncols=True)
+        for step in bar:
+            t0 = time.perf_counter()
+            out = self.train_step(step)
+            self.step = step + 1
+            self.step_times.append(time.perf_counter() - t0)
+            if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                vals = {k: float(v.detach()) for k, v in out.items()}  # host sync, only when logging
+                for k, v in vals.items():
+                    self.logger.scalar(f"distill/{k}", v, self.step)
+                bar.set_postfix(loss=f"{vals['loss']:.4g}")
+            if cfg.image_every and self.step % cfg.image_every == 0:
+                self.log_images(self.step)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations:
+                self.save()
+        bar.close()
+        self.save()
+
+    def step_ms_median(self) -> float:
+        return 1000 * statistics.median(self.step_times) if self.step_times else 0.0
+
+    # ---- images, checkpoints -------------------------------------------------------------------------------
+    def log_images(self, step: int, full: Tensor | None = None) -> None:
+        full = self.syn.gather(self.layout) if full is None else full
+        if not self.rt.is_main:
+            return
+        imgs = self.norm.to_unit(full).cpu()
+        ipc = self.syn.ipc
+        self.logger.image("synthetic/all", make_grid(imgs[: min(self.num_classes, 20) * ipc], nrow=ipc), step)
+        for c in range(min(self.num_classes, 10)):
+            self.logger.image(f"synthetic/class_{c:03d}", make_grid(imgs[c * ipc:(c + 1) * ipc], nrow=ipc), step)
+
+    def meta(self) -> dict:
+        from .runinfo import config_hash
+
+        return {"config_hash": config_hash(self.cfg), "world_size": self.rt.world_size}
+
+    def save(self) -> None:
+        state = {"step": self.step, "images": self.syn.images.detach().cpu(), "ids": self.syn.ids.cpu(),
+                 "optimizer": self.optimizer.state_dict()}
+        checkpoint.save(self.ckpt_root, self.step, self.rt.rank, state, self.meta(), self.cfg.distill.keep_checkpoints)
+
+    def maybe_resume(self) -> None:
+        step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
+        if step is None:
+            return
+        state = checkpoint.load(self.ckpt_root, step, self.rt.rank, self.meta())
+        if not torch.equal(state["ids"], self.syn.ids.cpu()):
+            raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")
+        with torch.no_grad():
+            self.syn.images.copy_(state["images"].to(self.syn.images.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", checkpoint.step_dir(self.ckpt_root, step), self.step)

@@ -1,0 +1,149 @@
+"""Evaluate a distilled set: train fresh networks on it, test on the balanced test set.
+
+Protocols (DESIGN.md section 7):
+- `dm`: SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half the epochs, differentiable augmentation.
+- `ncfm`: AdamW lr 1e-3, lr x0.5 at 20/40/60/80 % of the epochs, augmentation + CutMix.
+Repeats are spread over all ranks (repeat r on rank r mod world) and gathered. Reported: mean and std over
+repeats of the last-epoch accuracy, the best tested epoch, per-class accuracy and many / medium / few groups.
+
+Entry point: `python -m csdm_dist.evaluate distilled=<run>/distilled.pt [eval.repeats=...]`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from . import rng
+from .augment import NUM_UNIFORMS, OPS, augment
+from .config import EvalConfig, ExtractorConfig
+from .models import build_network, reinit_
+
+log = logging.getLogger(__name__)
+
+
+def class_groups(counts: list[int]) -> dict[str, list[int]]:
+    """many / medium / few classes: by real count (>100, 20-100, <20) with >= 100 classes, else by thirds."""
+    c = len(counts)
+    if c >= 100:
+        return {"many": [i for i, n in enumerate(counts) if n > 100],
+                "medium": [i for i, n in enumerate(counts) if 20 <= n <= 100],
+                "few": [i for i, n in enumerate(counts) if n < 20]}
+    order = sorted(range(c), key=lambda i: -counts[i])
+    third = round(c / 3)
+    return {"many": sorted(order[:third]), "medium": sorted(order[third:c - third]), "few": sorted(order[c - third:])}
+
+
+def _schedule(protocol: str, epochs: int) -> tuple[list[int], float]:
+    if protocol == "dm":
+        return [epochs // 2], 0.1
+    return [int(epochs * f) for f in (0.2, 0.4, 0.6, 0.8)], 0.5
+
+
+def _cutmix(x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, float]:
+    lam = float(torch.rand((), generator=g))  # Beta(1, 1)
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    h, w = x.shape[2:]
+    rh, rw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
+    y0, y1, x0, x1 = max(cy - rh // 2, 0), min(cy + rh // 2, h), max(cx - rw // 2, 0), min(cx + rw // 2, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return x, y, y[perm], lam
+
+
+@torch.no_grad()
+def test_accuracy(net: torch.nn.Module, test_x: Tensor, test_y: Tensor, norm, num_classes: int, batch: int,
+                  device: torch.device) -> Tensor:
+    """Per-class accuracy [num_classes] on the (uint8) test set."""
+    net.eval()
+    correct = torch.zeros(num_classes, device=device)
+    for i in range(0, len(test_y), batch):
+        x = norm(test_x[i:i + batch].to(device))
+        y = test_y[i:i + batch].to(device)
+        correct += torch.bincount(y[net(x).argmax(1) == y], minlength=num_classes).float()
+    net.train()
+    return correct / torch.bincount(test_y.to(device), minlength=num_classes).clamp_min(1).float()
+
+
+def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, num_classes: int,
+                   cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, repeat: int,
+                   device: torch.device, desc: str) -> tuple[Tensor, Tensor]:
+    """One repeat: (per-class accuracy at the last epoch, at the best tested epoch)."""
+    g = rng.generator(seed, repeat, rng.EVAL)
+    net = build_network(cfg.arch, images.shape[1], num_classes, image_size, net_cfg.width, net_cfg.depth,
+                        net_cfg.norm)
+    net = reinit_(net, g).to(device).train()
+    if cfg.protocol == "dm":
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    milestones, gamma = _schedule(cfg.protocol, cfg.epochs)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
+    images, labels = images.to(device), labels.to(device)
+    test_at = {round(cfg.epochs * (k + 1) / cfg.test_points) for k in range(cfg.test_points)}
+    best = last = None
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, dynamic_ncols=True):
+        perm = torch.randperm(len(labels), generator=g).to(device)
+        for i in range(0, len(labels), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            x, y = images[idx], labels[idx]
+            if cfg.augment:
+                op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
+                x = augment(x, op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
+            if cfg.protocol == "ncfm" and float(torch.rand((), generator=g)) < 0.5:
+                x, ya, yb, lam = _cutmix(x, y, g)
+                loss = lam * F.cross_entropy(net(x), ya) + (1 - lam) * F.cross_entropy(net(x), yb)
+            else:
+                loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if epoch in test_at:
+            last = test_accuracy(net, test_x, test_y, norm, num_classes, cfg.test_batch_size, device)
+            best = last if best is None or last.mean() > best.mean() else best
+    return last, best
+
+
+def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, counts: list[int],
+                 cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, rank: int, world: int,
+                 device: torch.device, name: str) -> dict:
+    """Train cfg.repeats networks (spread over the world) and summarise their accuracy."""
+    c = len(counts)
+    acc = torch.zeros(2, cfg.repeats, c, device=device)
+    for r in range(rank, cfg.repeats, world):
+        last, best = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed, r,
+                                    device, desc=f"eval {name} {r + 1}/{cfg.repeats}")
+        acc[0, r], acc[1, r] = last, best
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(acc)  # each repeat was filled by exactly one rank
+    return summarise(acc[0].cpu(), acc[1].cpu(), counts)
+
+
+def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
+    """last, best: [repeats, C] per-class accuracies -> the results.json `accuracy` block (in %)."""
+    overall = 100 * last.mean(1)
+    groups = class_groups(counts)
+    out = {"mean": overall.mean().item(), "std": overall.std(unbiased=False).item(),
+           "best_mean": (100 * best.mean(1)).mean().item(), "repeats": last.shape[0],
+           "per_class": (100 * last.mean(0)).tolist()}
+    for g, idx in groups.items():
+        out[g] = (100 * last[:, idx].mean()).item() if idx else float("nan")
+    out["groups"] = groups
+    return out
+
+
+def load_distilled(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"distilled set {path} not found; run `python -m csdm_dist.distill` first")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+

@@ -1,0 +1,48 @@
+"""What a run records about itself: config hash, git commit, hardware, peak memory."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+# keys that change neither the data nor the distilled images: excluded from the hash that resume checks
+_NOT_HASHED = {"resume", "evaluate", "baseline", "eval", "device", "out_dir"}
+_NOT_HASHED_DISTILL = {"iterations", "log_every", "image_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def config_hash(cfg: Config) -> str:
+    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    d["distill"] = {k: v for k, v in d["distill"].items() if k not in _NOT_HASHED_DISTILL}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
+
+
+def hardware(device: torch.device) -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
