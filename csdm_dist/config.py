@@ -36,6 +36,7 @@ class DataConfig:
     image_size: int = MISSING  # images are square, resized to this on build when the source differs
     imbalance_factor: float = 100.0  # IF = n_max / n_min; n_c = floor(n_max * IF^(-c/(C-1)))
     n_max: Optional[int] = None  # head-class count; None: the largest class of the raw training split
+    download: bool = False  # fetch fashion_mnist / cifar10 / cifar100 into raw_root with torchvision first
     split_lists: Optional[str] = None  # imagenet_lt only: folder with ImageNet_LT_{train,test}.txt
     samples_per_shard: int = 2000  # samples per WebDataset tar shard
     seed: int = 0  # pinned seed choosing which images form the long-tailed subset

@@ -147,3 +147,48 @@ def load_distilled(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+
+
+def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
+    """Evaluate any distilled.pt with its own config's eval settings, updated by `overrides` (eval keys)."""
+    from omegaconf import OmegaConf
+
+    from .config import to_config
+    from .data.shards import dataset_dir, read_split
+    from .dist import close_distributed, init_distributed
+    from .distiller import Normalizer
+
+    blob = load_distilled(path)
+    cfg = to_config(blob["config"])
+    ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
+    rt = init_distributed(device)
+    try:
+        test = read_split(dataset_dir(cfg.dataset), "test", 0, 1)
+        norm = Normalizer.build(blob["mean"], blob["std"], rt.device)
+        acc = evaluate_set(blob["images"].to(rt.device), blob["labels"], test.images, test.labels, norm,
+                           blob["class_counts"], ev, cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank,
+                           rt.world_size, rt.device, name=cfg.method.name)
+        if rt.is_main:
+            out = path.parent / f"eval-{ev.protocol}-{ev.epochs}ep.json"
+            out.write_text(json.dumps({"distilled": str(path), "eval": vars(ev), "accuracy": acc}, indent=1))
+            print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats\n"
+                  f"overall {acc['mean']:.2f} +- {acc['std']:.2f} (best tested epoch {acc['best_mean']:.2f}), "
+                  f"many {acc['many']:.2f}, medium {acc['medium']:.2f}, few {acc['few']:.2f}\nwrote {out}")
+        return acc
+    finally:
+        close_distributed()
+
+
+def _hydra_main() -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
+    def main(dcfg: DictConfig) -> None:
+        evaluate_file(Path(dcfg.distilled), OmegaConf.to_container(dcfg.eval), dcfg.device)
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()

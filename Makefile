@@ -1,0 +1,43 @@
+# make run   : install, build Fashion-MNIST-LT (IF 100), distil it with CSDM (IPC 10) and evaluate vs random-real
+# make test  : install, run the test suite (CPU; 2-process tests use gloo)
+# Both are idempotent: the venv is rebuilt only when pyproject.toml changes, the dataset only when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FMNIST ?= /usr/share/datasets/fashion-mnist
+ARGS   ?=
+
+.PHONY: install fmnist data run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Fashion-MNIST's raw files: the Debian package where apt runs as root; otherwise torchvision's download.
+fmnist:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing dataset-fashion-mnist (apt)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	fi
+
+data: install fmnist
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  $(PY) -m data_prep.build dataset=fashion_mnist_lt dataset.raw_root=$(FMNIST); \
+	else \
+	  echo "$(FMNIST) has no Fashion-MNIST: downloading with torchvision into data/raw"; \
+	  $(PY) -m data_prep.build dataset=fashion_mnist_lt dataset.raw_root=data/raw/fashion-mnist dataset.download=true; \
+	fi
+
+run: data
+	$(PY) -m csdm_dist.distill $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,150 @@
+"""WebDataset shards of a long-tailed dataset: writing a split, reading a rank's share of it, the manifest.
+
+A built dataset folder holds `manifest.json` and `{split}-{i:06d}.tar` shards. Each sample has `__key__` = its
+9-digit global id, `png` (grey or RGB), `cls` and `id` (ascii ints). Rank r of S reads shards r, r+S, r+2S, ...
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from csdm_dist.config import DataConfig
+
+MANIFEST = "manifest.json"
+PROGRESS_MIN_SAMPLES = 20000  # show a progress bar when reading a split larger than this
+
+
+class ShardError(RuntimeError):
+    """A shard file is unreadable or inconsistent with the manifest; the message names it and says to rebuild."""
+
+
+@dataclass
+class ShardData:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+    ids: torch.Tensor  # int64 [N], global sample id within the split
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    """Folder of the built dataset: one per (name, imbalance factor, seed); ImageNet-LT is fixed by its lists."""
+    if cfg.source == "imagenet_lt":
+        return Path(cfg.data_root) / cfg.name
+    return Path(cfg.data_root) / f"{cfg.name}-if{cfg.imbalance_factor:g}-seed{cfg.seed}"
+
+
+def load_manifest(dataset_dir: Path) -> dict:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset manifest at {path}; build the dataset first with `python -m "
+                                f"data_prep.build dataset=<name>` (the dataset config of {Path(dataset_dir).name})")
+    return json.loads(path.read_text())
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 1 or 3] -> PNG bytes (grey or RGB)."""
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+                samples_per_shard: int, seed: int) -> list[str]:
+    """Write images [N, H, W, C] in a seeded random order (classes mixed) to `{split}-{i:06d}.tar`; return the names."""
+    if not len(images) == len(labels) == len(ids):
+        raise ValueError(f"images, labels and ids differ in length: {len(images)}, {len(labels)}, {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    names = []
+    for shard, start in enumerate(range(0, len(order), samples_per_shard)):
+        names.append(f"{split}-{shard:06d}.tar")
+        with wds.TarWriter(str(Path(out_dir) / names[-1]), encoder=False, mtime=0) as sink:  # mtime 0: reproducible
+            for i in order[start:start + samples_per_shard]:
+                sink.write({"__key__": f"{int(ids[i]):09d}", "png": encode_png(images[i]),
+                            "cls": str(int(labels[i])).encode(), "id": str(int(ids[i])).encode()})
+    return names
+
+
+def shard_sizes(num_samples: int, samples_per_shard: int) -> list[int]:
+    """Samples in each shard written by write_split."""
+    return [min(samples_per_shard, num_samples - s) for s in range(0, num_samples, samples_per_shard)]
+
+
+def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: int = 1) -> ShardData:
+    """Read shards shard_rank, shard_rank + num_shards, ... of a split into memory (decoded, [N, C, H, W])."""
+    if not 0 <= shard_rank < num_shards:
+        raise ValueError(f"need 0 <= shard_rank < num_shards, got shard_rank={shard_rank}, num_shards={num_shards}")
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    if split not in manifest:
+        raise KeyError(f"split {split!r} is not in {dataset_dir / MANIFEST}; it has "
+                       f"{[k for k in manifest if isinstance(manifest[k], dict) and 'shards' in manifest[k]]}")
+    entry = manifest[split]
+    rebuild = f"rebuild with `python -m data_prep.build dataset={manifest['name']} force=true`"
+    c, s, num_classes = manifest["channels"], manifest["image_size"], len(manifest["class_names"])
+    expected = dict(zip(entry["shards"], entry["shard_sizes"]))
+    mine = entry["shards"][shard_rank::num_shards]
+    n = sum(expected[name] for name in mine)
+    images, labels, ids = np.empty((n, s, s, c), np.uint8), np.empty(n, np.int64), np.empty(n, np.int64)
+    seen = dict.fromkeys(mine, 0)
+    current = [""]  # the shard being streamed, for error messages
+
+    def split_by_rank(src):  # webdataset's default nodesplitter raises under torchrun: always pass one
+        for item in islice(src, shard_rank, None, num_shards):
+            current[0] = item["url"]
+            yield item
+
+    urls = [str(dataset_dir / name) for name in entry["shards"]]
+    ds = wds.WebDataset(urls, nodesplitter=split_by_rank, workersplitter=None, shardshuffle=False,
+                        empty_check=False) if mine else []  # (webdataset rejects an empty url list)
+    k = 0
+    try:
+        for sample in tqdm(ds, total=n, desc=f"read {split}", unit="img",
+                           disable=entry["num_samples"] <= PROGRESS_MIN_SAMPLES):
+            name = Path(sample["__url__"]).name
+            seen[name] += 1
+            if seen[name] > expected[name]:
+                raise ShardError(f"shard {sample['__url__']} holds more samples than the manifest's "
+                                 f"{expected[name]}; {rebuild}")
+            images[k], labels[k], ids[k] = _parse_sample(sample, c, s, num_classes, rebuild)
+            k += 1
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # unreadable tar, missing file, bad int
+        raise ShardError(f"cannot read shard {current[0]} ({type(e).__name__}: {e}); {rebuild}") from e
+    short = [f"{name} ({seen[name]} of {expected[name]})" for name in mine if seen[name] != expected[name]]
+    if short:
+        raise ShardError(f"shard(s) {', '.join(str(dataset_dir / x) for x in short)} hold fewer samples than the "
+                         f"manifest says (truncated?); {rebuild}")
+    return ShardData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                     torch.from_numpy(labels), torch.from_numpy(ids))
+
+
+def _parse_sample(sample: dict, channels: int, size: int, num_classes: int, rebuild: str):
+    """One webdataset sample -> (image [H, W, C] uint8, label, id), checked against the manifest."""
+    where = f"shard {sample['__url__']}, sample {sample['__key__']!r}"
+    missing = [f for f in ("png", "cls", "id") if f not in sample]
+    if missing:
+        raise ShardError(f"{where} lacks the field(s) {missing}; {rebuild}")
+    label, sample_id = int(sample["cls"]), int(sample["id"])
+    if not 0 <= label < num_classes:
+        raise ShardError(f"{where} has label {label}, outside the manifest's label map of {num_classes} classes; "
+                         f"{rebuild}")
+    return _decode_png(sample["png"], channels, size, where, rebuild), label, sample_id
+
+
+def _decode_png(data: bytes, channels: int, size: int, where: str, rebuild: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        mode = "L" if channels == 1 else "RGB"
+        if img.mode != mode or img.size != (size, size):
+            raise ShardError(f"{where} is a {img.mode} {img.size} image, the manifest says {mode} "
+                             f"{(size, size)}; {rebuild}")
+        arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if channels == 1 else arr

@@ -1,0 +1,93 @@
+"""Pre-train the extractor pool: `python -m csdm_dist.pretrain [dataset=...] [extractor.pool_size=4]`.
+
+Each member k starts from weights drawn by generator(seed, k) and trains on the long-tailed training set; the
+pool file keeps both the initial and the trained parameters (mode=pool interpolates between them). Members are
+spread over the ranks (member k on rank k mod world) and gathered, so the pool trains in parallel under torchrun.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from . import rng
+from .augment import NUM_UNIFORMS, OPS, augment
+from .config import Config, register_configs, to_config
+from .data.shards import dataset_dir, read_split
+from .dist import close_distributed, init_distributed
+from .distiller import Normalizer
+from .models import build_network, reinit_
+
+log = logging.getLogger("csdm_dist.pretrain")
+
+
+def default_pool_path(cfg: Config) -> Path:
+    e = cfg.extractor
+    return dataset_dir(cfg.dataset) / "pools" / f"{e.arch}-w{e.width}-d{e.depth}-{e.norm}-k{e.pool_size}-s{cfg.seed}.pt"
+
+
+def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor, norm: Normalizer,
+                 device: torch.device) -> tuple[dict, dict]:
+    d, e = cfg.dataset, cfg.extractor
+    g = rng.generator(cfg.seed, k, rng.EXTRACTOR, 1_000_003)
+    net = reinit_(build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth, e.norm), g)
+    net = net.to(device).train()
+    init = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    batch = 256
+    for _ in tqdm(range(e.pool_epochs), desc=f"pretrain member {k}", dynamic_ncols=True):
+        perm = torch.randperm(len(labels), generator=g).to(device)
+        for i in range(0, len(labels), batch):
+            idx = perm[i:i + batch]
+            op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
+            x = augment(norm(images[idx]), op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
+            loss = F.cross_entropy(net(x), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    trained = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
+    return init, trained
+
+
+def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
+    data = read_split(dataset_dir(cfg.dataset), "train", 0, 1)
+    images, labels = data.images.to(device), data.labels.to(device)
+    norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, device)
+    k_total = cfg.extractor.pool_size
+    members: list[dict | None] = [None] * k_total
+    for k in range(rank, k_total, world):
+        init, trained = train_member(cfg, k, images, labels, norm, device)
+        members[k] = {"init": init, "trained": trained}
+    if world > 1:
+        gathered: list[list] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, members)
+        members = [next(m[k] for m in gathered if m[k] is not None) for k in range(k_total)]
+    path = Path(cfg.extractor.pool_path) if cfg.extractor.pool_path else default_pool_path(cfg)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor)}, tmp)
+        tmp.replace(path)
+        print(f"wrote a pool of {k_total} to {path}\nuse it with: extractor.mode=pool extractor.pool_path={path}")
+    return path
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="pretrain")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_config(dcfg)
+    rt = init_distributed(cfg.device)
+    try:
+        pretrain(cfg, rt.rank, rt.world_size, rt.device)
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()
