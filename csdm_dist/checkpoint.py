@@ -1,6 +1,6 @@
-"""Checkpoints: `<run>/checkpoints/step-NNNNNN/` holds one `rank-RRR.pt` per rank and `meta.json`, written by
-rank 0 after every rank has saved, so a folder with `meta.json` is complete. Only complete folders are resumed.
-Rank 0 keeps the newest `keep` folders.
+"""Checkpoints: `<run>/checkpoints/step-NNNNNN/` holds what each rank writes (DeepSpeed's per-rank files) and
+`meta.json`, written by rank 0 after every rank has saved, so a folder with `meta.json` is complete. Only complete
+folders are resumed. Rank 0 keeps the newest `keep` folders.
 """
 from __future__ import annotations
 
@@ -8,24 +8,25 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:06d}"
+    return root / tag(step)
 
 
-def save(root: Path, step: int, rank: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+def tag(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save(root: Path, step: int, rank: int, write: Callable[[Path], None], meta: dict[str, Any], keep: int) -> Path:
+    """Every rank calls `write(folder)` for its part; then rank 0 marks the folder complete and prunes."""
     path = step_dir(root, step)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f"rank-{rank:03d}.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(path / f"rank-{rank:03d}.pt")
+    write(path)
     dist.barrier()
     if rank == 0:
         (path / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
@@ -47,12 +48,11 @@ def latest(root: Path) -> Optional[int]:
     return steps[-1] if steps else None
 
 
-def load(root: Path, step: int, rank: int, expect: dict[str, Any]) -> dict[str, Any]:
-    """This rank's state at `step`, after checking the run metadata matches (`expect`: key -> value)."""
+def check_meta(root: Path, step: int, expect: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint whose run metadata differs (`expect`: key -> value)."""
     path = step_dir(root, step)
     meta = json.loads((path / "meta.json").read_text())
     for key, want in expect.items():
         if meta.get(key) != want:
             raise ValueError(f"checkpoint {path} has {key}={meta.get(key)!r} but this run has {want!r}; resume with "
                              f"the same settings, or start afresh with resume=false or another out_dir")
-    return torch.load(path / f"rank-{rank:03d}.pt", map_location="cpu", weights_only=True)

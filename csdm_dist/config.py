@@ -177,6 +177,23 @@ class ParallelConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed runs the synthetic images' optimizer (the optimizer itself is distill.optimizer / lr)."""
+    zero_stage: int = 0  # ZeRO stage 0-3; partitions optimizer state (1), gradients (2), images (3) over replicas
+    bf16: bool = False  # keep the images in bf16 with fp32 master weights (fp16 is refused on the CPU)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in host memory (needs zero_stage >= 1)
+    gradient_clipping: float = 0.0  # global gradient-norm clip; 0 disables (DeepSpeed's own default is 1.0)
+    extra: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _check(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
+               "needs deepspeed.zero_stage >= 1")
+        _check(self.gradient_clipping >= 0, "deepspeed.gradient_clipping", "must be >= 0 (0 disables)")
+        _check("fp16" not in self.extra, "deepspeed.extra.fp16", "fp16 is not supported; use deepspeed.bf16=true")
+
+
+@dataclass
 class Config:
     dataset: DataConfig = MISSING
     method: MethodConfig = MISSING
@@ -184,6 +201,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ipc: int = 10  # synthetic images per class
     seed: int = 0  # seeds every random draw of the run
     out_dir: str = "runs/${dataset.name}/${method.name}-ipc${ipc}-seed${seed}"  # the run directory
@@ -205,6 +223,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="dataset", name="base_dataset", node=DataConfig)
     cs.store(group="method", name="base_method", node=MethodConfig)
+    cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
 
 
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:

@@ -68,7 +68,7 @@ def run(cfg: Config, rt: Runtime) -> dict:
     if cfg.method.name != "random":
         distiller.run()
     distill_s = time.perf_counter() - t0
-    final = syn.gather(layout)
+    final = distiller.gather()
     distiller.log_images(distiller.step, final)
     labels = torch.arange(cfg.dataset.num_classes * cfg.ipc) // cfg.ipc
     counts = manifest["train"]["counts"]

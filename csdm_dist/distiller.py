@@ -4,6 +4,7 @@ local gradient), loss, backward, optimizer step, then maybe log and checkpoint. 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -20,7 +21,9 @@ from . import spectral as S
 from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config
 from .dist import ParallelLayout, Runtime, all_reduce_sum, global_sum_local_grad
+from .engine import build_engine, load_engine, save_engine
 from .extractors import Extractor
+from .runinfo import config_hash
 from .synthetic import SyntheticSet
 from .tblog import NullLogger
 
@@ -66,11 +69,8 @@ class Distiller:
                                       cfg.method.weighting.schedule).to(rt.device)
         # expected real images per class per step: each image is kept with probability p_c
         self.keep_prob = (cfg.distill.real_per_class / real.counts.float()).clamp(max=1.0).to(rt.device)
-        opt = cfg.distill
-        if opt.optimizer == "adam":
-            self.optimizer = torch.optim.Adam([syn.images], lr=opt.lr)
-        else:
-            self.optimizer = torch.optim.SGD([syn.images], lr=opt.lr, momentum=opt.momentum)
+        self.engine = build_engine(syn.images, cfg, layout, rt)  # owns the live synthetic images
+        self.timer = PhaseTimer(enabled=False, device=rt.device)
         self.step = 0
         self.step_times: list[float] = []
         self.ckpt_root = run_dir / "checkpoints"
@@ -83,11 +83,10 @@ class Distiller:
         idx = keep.nonzero().squeeze(1)  # host sync: the batch size is data dependent
         return self.norm(r.images[idx]), r.labels[idx], r.ids[idx]
 
-    def statistics(self, x: Tensor, ids: Tensor, labels: Tensor, op: str | None, stream: int, freqs: Tensor | None,
-                   step: int) -> tuple[Tensor, Tensor]:
+    def features(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int) -> Tensor:
         if op is not None:
             x = augment(x, op, rng.sample_uniforms(ids, self.cfg.seed, step, stream, NUM_UNIFORMS))
-        return S.class_statistics(self.extractor.embed(x), labels, self.num_classes, freqs)
+        return self.extractor.embed(x)
 
     def loss(self, real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         w = self.cfg.method.weighting
@@ -96,27 +95,36 @@ class Distiller:
         return S.spectral_loss(real, syn, self.alpha, w.form, w.loss_scale)
 
     def train_step(self, step: int) -> dict[str, Tensor]:
-        cfg, group = self.cfg, self.layout.shard_group
-        g = rng.generator(cfg.seed, step, rng.EXTRACTOR, self.layout.replica)  # shared by the replica's ranks
-        self.extractor.prepare(g)
-        freqs = None
-        if self.kernel.name != "linear":
-            freqs = S.sample_frequencies(self.kernel.name, self.kernel.num_freqs, self.extractor.feature_dim,
-                                         self.kernel.bandwidth, g, self.kernel.nu, self.rt.device)
-        op = pick_op(g) if cfg.distill.augment else None
+        cfg, group, t = self.cfg, self.layout.shard_group, self.timer
+        with t("draws"):
+            g = rng.generator(cfg.seed, step, rng.EXTRACTOR, self.layout.replica)  # shared by the replica's ranks
+            self.extractor.prepare(g)
+            freqs = None
+            if self.kernel.name != "linear":
+                freqs = S.sample_frequencies(self.kernel.name, self.kernel.num_freqs, self.extractor.feature_dim,
+                                             self.kernel.bandwidth, g, self.kernel.nu, self.rt.device)
+            op = pick_op(g) if cfg.distill.augment else None
 
         with torch.no_grad():
-            x, y, ids = self.real_batch(step)
-            sums, n = self.statistics(x, ids, y, op, rng.REAL_AUG, freqs, step)
-            packed = all_reduce_sum(torch.cat([sums, n.unsqueeze(1)], 1), group)
-            real = (packed[:, :-1], packed[:, -1])
+            with t("real_features"):
+                x, y, ids = self.real_batch(step)
+                z = self.features(x, ids, op, rng.REAL_AUG, step)
+            with t("real_statistics"):
+                sums, n = S.class_statistics(z, y, self.num_classes, freqs)
+            with t("all_reduce"):
+                packed = all_reduce_sum(torch.cat([sums, n.unsqueeze(1)], 1), group)
+                real = (packed[:, :-1], packed[:, -1])
 
-        s_sums, s_n = self.statistics(self.syn.images, self.syn.ids, self.syn.labels, op, rng.SYN_AUG, freqs, step)
-        syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
-        out = self.loss(real, syn)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.optimizer.step()
+        with t("syn_forward"):
+            zs = self.features(self.engine().float(), self.syn.ids, op, rng.SYN_AUG, step)
+            s_sums, s_n = S.class_statistics(zs, self.syn.labels, self.num_classes, freqs)
+        with t("all_reduce"):
+            syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
+        with t("syn_backward"):
+            out = self.loss(real, syn)
+            self.engine.backward(out["loss"])
+        with t("optimizer"):
+            self.engine.step()
         out["real_images"] = real[1].sum()
         return out
 
@@ -147,8 +155,16 @@ class Distiller:
         return 1000 * statistics.median(self.step_times) if self.step_times else 0.0
 
     # ---- images, checkpoints -------------------------------------------------------------------------------
+    def images(self) -> Tensor:
+        """This rank's live synthetic images (read through the engine, so ZeRO-3 gathers them)."""
+        with torch.no_grad():
+            return self.engine().detach().float()
+
+    def gather(self) -> Tensor:
+        return self.syn.gather(self.images(), self.layout)
+
     def log_images(self, step: int, full: Tensor | None = None) -> None:
-        full = self.syn.gather(self.layout) if full is None else full
+        full = self.gather() if full is None else full
         if not self.rt.is_main:
             return
         imgs = self.norm.to_unit(full).cpu()
@@ -158,24 +174,46 @@ class Distiller:
             self.logger.image(f"synthetic/class_{c:03d}", make_grid(imgs[c * ipc:(c + 1) * ipc], nrow=ipc), step)
 
     def meta(self) -> dict:
-        from .runinfo import config_hash
-
         return {"config_hash": config_hash(self.cfg), "world_size": self.rt.world_size}
 
     def save(self) -> None:
-        state = {"step": self.step, "images": self.syn.images.detach().cpu(), "ids": self.syn.ids.cpu(),
-                 "optimizer": self.optimizer.state_dict()}
-        checkpoint.save(self.ckpt_root, self.step, self.rt.rank, state, self.meta(), self.cfg.distill.keep_checkpoints)
+        state = {"step": self.step, "ids": self.syn.ids.cpu().tolist()}
+        checkpoint.save(self.ckpt_root, self.step, self.rt.rank,
+                        lambda path: save_engine(self.engine, self.ckpt_root, path.name, state),
+                        self.meta(), self.cfg.distill.keep_checkpoints)
 
     def maybe_resume(self) -> None:
         step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
         if step is None:
             return
-        state = checkpoint.load(self.ckpt_root, step, self.rt.rank, self.meta())
-        if not torch.equal(state["ids"], self.syn.ids.cpu()):
+        checkpoint.check_meta(self.ckpt_root, step, self.meta())
+        state = load_engine(self.engine, self.ckpt_root, checkpoint.tag(step))
+        if state["ids"] != self.syn.ids.cpu().tolist():
             raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")
-        with torch.no_grad():
-            self.syn.images.copy_(state["images"].to(self.syn.images.device))
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", checkpoint.step_dir(self.ckpt_root, step), self.step)
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step, for the benchmark; a no-op context unless enabled.
+
+    When enabled it synchronises CUDA at each phase boundary, which is why it is off in normal runs.
+    """
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.totals: dict[str, float] = {}  # seconds per phase, summed over steps
+        self._null = contextlib.nullcontext()
+
+    def __call__(self, name: str):
+        return self._measure(name) if self.enabled else self._null
+
+    @contextlib.contextmanager
+    def _measure(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0

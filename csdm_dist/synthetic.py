@@ -21,7 +21,9 @@ _NO_KEY = 2.0  # larger than any uniform key: an empty slot
 
 @dataclass
 class SyntheticSet:
-    images: Tensor  # [n_local, C, H, W] float, normalised pixel space (the optimised parameter)
+    """This rank's slice of the synthetic set. `images` is the starting point; once distillation starts, the
+    DeepSpeed engine owns the live images (engine.py)."""
+    images: Tensor  # [n_local, C, H, W] float, normalised pixel space
     labels: Tensor  # [n_local]
     ids: Tensor  # [n_local] global ids
     num_classes: int
@@ -30,13 +32,12 @@ class SyntheticSet:
     @classmethod
     def from_full(cls, full: Tensor, num_classes: int, ipc: int, layout: ParallelLayout) -> "SyntheticSet":
         ids = torch.arange(layout.shard_rank, num_classes * ipc, layout.shards, device=full.device)
-        images = full[ids].clone().requires_grad_(True)
-        return cls(images, ids // ipc, ids, num_classes, ipc)
+        return cls(full[ids].clone(), ids // ipc, ids, num_classes, ipc)
 
-    def gather(self, layout: ParallelLayout) -> Tensor:
-        """The whole set [C * ipc, ...] on every rank of the shard group (for saving and evaluation)."""
-        full = torch.zeros((self.num_classes * self.ipc, *self.images.shape[1:]), device=self.images.device)
-        full[self.ids] = self.images.detach().float()
+    def gather(self, local: Tensor, layout: ParallelLayout) -> Tensor:
+        """The whole set [C * ipc, ...] from every rank's `local` slice, on every rank of the shard group."""
+        full = torch.zeros((self.num_classes * self.ipc, *local.shape[1:]), device=local.device)
+        full[self.ids] = local.detach().float()
         return all_reduce_sum(full, layout.shard_group)
 
 

@@ -63,9 +63,7 @@ def test_end_to_end_writes_every_output(data_overrides, tmp_path):
     assert blob["images"].shape == (20, 1, 28, 28) and blob["labels"].tolist() == [c for c in range(10) for _ in "ab"]
     assert (out / "synthetic.png").stat().st_size > 0
     assert any((out / "tb").glob("events.out.tfevents.*"))
-    # the last checkpoint holds exactly the distilled images
-    start = torch.load(out / "checkpoints" / "step-000004" / "rank-000.pt", weights_only=True)
-    assert torch.equal(start["images"], blob["images"])
+    assert (out / "checkpoints" / "step-000004" / "meta.json").is_file()
     assert res["accuracy"]["mean"] == acc["mean"]
 
 
@@ -73,14 +71,13 @@ def test_resumed_run_matches_uninterrupted(data_overrides, tmp_path):
     common = data_overrides + TINY + ["evaluate=false", "distill.checkpoint_every=3"]
     _, _ = distil(common + ["distill.iterations=6", f"out_dir={tmp_path / 'full'}"])
     _, _ = distil(common + ["distill.iterations=3", f"out_dir={tmp_path / 'cut'}"])
+    at_3 = torch.load(tmp_path / "cut" / "distilled.pt", weights_only=False)["images"]
     _, res = distil(common + ["distill.iterations=6", f"out_dir={tmp_path / 'cut'}"])
     assert res["timing"]["steps"] == 6
     full = torch.load(tmp_path / "full" / "distilled.pt", weights_only=False)["images"]
     resumed = torch.load(tmp_path / "cut" / "distilled.pt", weights_only=False)["images"]
     assert torch.equal(full, resumed)
-    # and the run did change the images (so equality is not trivial)
-    fresh = torch.load(tmp_path / "full" / "checkpoints" / "step-000003" / "rank-000.pt", weights_only=True)
-    assert not torch.equal(fresh["images"], full)
+    assert not torch.equal(at_3, full)  # the resumed steps did change the images: equality is not trivial
 
 
 def test_resume_refuses_a_changed_config(data_overrides, tmp_path):
