@@ -1,7 +1,9 @@
 """The process environment and the parallel layout, in one place.
 
-`init_distributed()` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and,
-when none is set, makes a world of one: a process group of size 1 over an in-memory store, so the code below
+`init_distributed()` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), else
+those of a SLURM job step (srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the rendezvous address from
+MASTER_ADDR if set, else the job's first node; the port from MASTER_PORT if set, else derived from the job id),
+and, when neither is there, makes a world of one: a process group of size 1 over an in-memory store, so the code below
 takes one path at every scale. world = replicas x shards (DESIGN.md section 4): ranks
 [r * shards, (r + 1) * shards) form replica r's shard group, which splits the real data and the synthetic images
 and all-reduces statistics; ranks with the same shard index form a replica group (DeepSpeed's data-parallel group).
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -33,13 +36,34 @@ class Runtime:
         return self.rank == 0
 
 
+def slurm_environment(env: dict[str, str]) -> dict[str, str] | None:
+    """torchrun-style variables for a process started by srun, or None outside a SLURM job step."""
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return None  # not inside srun (a batch script's own shell must not join a process group)
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")),
+           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_node(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
+    out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return out
+
+
+def _first_node(nodelist: str) -> str:
+    if not nodelist:
+        raise RuntimeError("SLURM job step without a node list; set MASTER_ADDR to the rendezvous host")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
 def init_distributed(device: str = "auto") -> Runtime:
     """Join (or make) the process group; the device is cuda:LOCAL_RANK when CUDA is used, else the CPU."""
+    if "RANK" not in os.environ and (slurm := slurm_environment(dict(os.environ))) is not None:
+        os.environ.update(slurm)  # DeepSpeed and webdataset read these too
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
-    if present and len(present) != len(_TORCHRUN_VARS):
+    if present and len(present) != len(_TORCHRUN_VARS) and "RANK" in present:
         missing = sorted(set(_TORCHRUN_VARS) - set(present))
         raise RuntimeError(f"partial distributed environment: {present} are set but {missing} are not; "
                            "launch with torchrun, or unset them to run as a single process")
+    present = present if "RANK" in present else []
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but CUDA is not available; use device=cpu or device=auto")
