@@ -71,6 +71,11 @@ class Distiller:
         self.keep_prob = (cfg.distill.real_per_class / real.counts.float()).clamp(max=1.0).to(rt.device)
         self.engine = build_engine(syn.images, cfg, layout, rt)  # owns the live synthetic images
         self.timer = PhaseTimer(enabled=False, device=rt.device)
+        feat = 2 * self.kernel.num_freqs if self.kernel.name != "linear" else self.extractor.feature_dim
+        # real (sums + counts) and synthetic (sums, counts) statistics, fp32, every step
+        self.allreduce_bytes = 4 * self.num_classes * (2 * feat + 2)
+        log.info("all-reduce payload per step: %d bytes (%d classes x %d statistics x 2 sides, fp32)",
+                 self.allreduce_bytes, self.num_classes, feat + 1)
         self.step = 0
         self.step_times: list[float] = []
         self.ckpt_root = run_dir / "checkpoints"
@@ -132,6 +137,7 @@ class Distiller:
     def run(self) -> None:
         cfg = self.cfg.distill
         self.maybe_resume()
+        self.logger.scalar("distill/allreduce_bytes_per_step", self.allreduce_bytes, self.step)
         bar = tqdm(range(self.step, cfg.iterations), initial=self.step, total=cfg.iterations, desc="distil",
                    disable=not self.rt.is_main, dynamic_ncols=True)
         for step in bar:
