@@ -24,6 +24,7 @@ from .dist import ParallelLayout, Runtime, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
 from .evaluate import evaluate_set
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
+from .preempt import StopSignal
 from .synthetic import SyntheticSet, pick_real_init
 from .tblog import make_logger
 
@@ -53,7 +54,8 @@ def initial_images(cfg: Config, real: RealData, layout: ParallelLayout, norm: No
     return picked, picked
 
 
-def run(cfg: Config, rt: Runtime) -> dict:
+def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None) -> dict:
+    """The whole job on this rank. Returns the results; {"preempted": True, ...} if `stop` cut it short."""
     layout = ParallelLayout.from_world(cfg.parallel.replicas, rt.rank, rt.world_size)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,8 +67,9 @@ def run(cfg: Config, rt: Runtime) -> dict:
     distiller = Distiller(cfg, rt, layout, real, syn, norm, logger, run_dir)
 
     t0 = time.perf_counter()
-    if cfg.method.name != "random":
-        distiller.run()
+    if cfg.method.name != "random" and not distiller.run(stop):
+        logger.close()
+        return {"preempted": True, "step": distiller.step}
     distill_s = time.perf_counter() - t0
     final = distiller.gather()
     distiller.log_images(distiller.step, final)
@@ -122,12 +125,14 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     torch.manual_seed(cfg.seed)
     rt = init_distributed(cfg.device)
+    stop = StopSignal()
     try:
-        run(cfg, rt)
+        run(cfg, rt, stop)
     except Exception:
         log.exception("rank %d failed", rt.rank)
         raise
     finally:
+        stop.restore()
         close_distributed()
 
 

@@ -23,6 +23,7 @@ from .config import Config
 from .dist import ParallelLayout, Runtime, all_reduce_sum, global_sum_local_grad
 from .engine import build_engine, load_engine, save_engine
 from .extractors import Extractor
+from .preempt import StopSignal
 from .runinfo import config_hash
 from .synthetic import SyntheticSet
 from .tblog import NullLogger
@@ -134,7 +135,8 @@ class Distiller:
         return out
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, stop: StopSignal | None = None) -> bool:
+        """Distil up to distill.iterations; False if `stop` was requested (a checkpoint is saved first)."""
         cfg = self.cfg.distill
         self.maybe_resume()
         self.logger.scalar("distill/allreduce_bytes_per_step", self.allreduce_bytes, self.step)
@@ -154,8 +156,14 @@ class Distiller:
                 self.log_images(self.step)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations:
                 self.save()
+            if stop is not None and self.step < cfg.iterations and stop.requested():
+                bar.close()
+                self.save()
+                log.warning("stopped at step %d on request; resume continues from here", self.step)
+                return False
         bar.close()
         self.save()
+        return True
 
     def step_ms_median(self) -> float:
         return 1000 * statistics.median(self.step_times) if self.step_times else 0.0

@@ -135,3 +135,29 @@ def test_invalid_config_names_the_key(override, key):
 def test_missing_dataset_says_how_to_build_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_prep.build"):
         distil([f"dataset.data_root={tmp_path}", f"out_dir={tmp_path / 'r'}"] + TINY)
+
+
+def test_stop_request_saves_and_resume_matches(data_overrides, tmp_path):
+    """A scheduler signal (SIGUSR1) stops at the next step boundary with a checkpoint; resuming finishes the same."""
+    import os
+    import signal
+
+    from csdm_dist.preempt import StopSignal
+
+    common = data_overrides + TINY + ["evaluate=false", "distill.iterations=5", "distill.checkpoint_every=0"]
+    distil(common + [f"out_dir={tmp_path / 'full'}"])
+    cfg = to_config(compose_cfg(common + [f"out_dir={tmp_path / 'cut'}"]))
+    rt = init_distributed("cpu")
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        res = run(cfg, rt, stop)
+    finally:
+        stop.restore()
+        close_distributed()
+    assert res == {"preempted": True, "step": 1}
+    assert (tmp_path / "cut" / "checkpoints" / "step-000001" / "meta.json").is_file()
+    _, res = distil(common + [f"out_dir={tmp_path / 'cut'}"])
+    assert res["timing"]["steps"] == 5
+    full = torch.load(tmp_path / "full" / "distilled.pt", weights_only=False)["images"]
+    assert torch.equal(full, torch.load(tmp_path / "cut" / "distilled.pt", weights_only=False)["images"])
