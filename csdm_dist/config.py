@@ -6,6 +6,7 @@ Nothing is registered on import: entry points call `register_configs()`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -106,7 +107,7 @@ class MethodConfig:
 class ExtractorConfig:
     arch: str = "convnet"  # `convnet` or `resnet18`
     width: int = 128  # ConvNet channels
-    depth: int = 3  # ConvNet blocks (3 at 28-32 px, 4 at 64 px, 5 at 128 px)
+    depth: Optional[int] = None  # ConvNet blocks; None: by image size (3 at 28-32 px, 4 at 64 px, 5 at 128 px)
     norm: str = "instancenorm"  # `instancenorm`, `batchnorm` or `none`
     mode: str = "random"  # `random`: fresh init every step; `pool`: interpolate a pretrained pool
     pool_path: Optional[str] = None  # pool file written by `python -m csdm_dist.pretrain` (mode=pool)
@@ -119,7 +120,11 @@ class ExtractorConfig:
         _check(self.mode in ("random", "pool"), "extractor.mode", f"{self.mode!r} is not `random` or `pool`")
         _check(self.mode != "pool" or bool(self.pool_path), "extractor.pool_path",
                "mode=pool needs the pool file: run `python -m csdm_dist.pretrain` and pass extractor.pool_path=...")
-        _check(self.width >= 1 and self.depth >= 1, "extractor.width/depth", "must be >= 1")
+        _check(self.width >= 1 and (self.depth is None or self.depth >= 1), "extractor.width/depth", "must be >= 1")
+
+    def depth_at(self, image_size: int) -> int:
+        """The ConvNet depth used for `image_size` px images."""
+        return self.depth if self.depth is not None else max(1, round(math.log2(image_size)) - 2)
 
 
 @dataclass

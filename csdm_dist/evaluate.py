@@ -78,7 +78,7 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
                    device: torch.device, desc: str) -> tuple[Tensor, Tensor]:
     """One repeat: (per-class accuracy at the last epoch, at the best tested epoch)."""
     g = rng.generator(seed, repeat, rng.EVAL)
-    net = build_network(cfg.arch, images.shape[1], num_classes, image_size, net_cfg.width, net_cfg.depth,
+    net = build_network(cfg.arch, images.shape[1], num_classes, image_size, net_cfg.width, net_cfg.depth_at(image_size),
                         net_cfg.norm)
     net = reinit_(net, g).to(device).train()
     if cfg.protocol == "dm":

@@ -19,7 +19,7 @@ class Extractor:
     def __init__(self, cfg: ExtractorConfig, channels: int, num_classes: int, image_size: int,
                  device: torch.device, normalize: bool):
         self.cfg, self.normalize, self.device = cfg, normalize, device
-        self.net = build_network(cfg.arch, channels, num_classes, image_size, cfg.width, cfg.depth, cfg.norm).to(device)
+        self.net = build_network(cfg.arch, channels, num_classes, image_size, cfg.width, cfg.depth_at(image_size), cfg.norm).to(device)
         self.net.eval()  # batchnorm (if chosen) uses batch statistics only in training; extractors are not trained
         for p in self.net.parameters():
             p.requires_grad_(False)

@@ -29,14 +29,14 @@ log = logging.getLogger("csdm_dist.pretrain")
 
 def default_pool_path(cfg: Config) -> Path:
     e = cfg.extractor
-    return dataset_dir(cfg.dataset) / "pools" / f"{e.arch}-w{e.width}-d{e.depth}-{e.norm}-k{e.pool_size}-s{cfg.seed}.pt"
+    return dataset_dir(cfg.dataset) / "pools" / f"{e.arch}-w{e.width}-d{e.depth_at(cfg.dataset.image_size)}-{e.norm}-k{e.pool_size}-s{cfg.seed}.pt"
 
 
 def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor, norm: Normalizer,
                  device: torch.device) -> tuple[dict, dict]:
     d, e = cfg.dataset, cfg.extractor
     g = rng.generator(cfg.seed, k, rng.EXTRACTOR, 1_000_003)
-    net = reinit_(build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth, e.norm), g)
+    net = reinit_(build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth_at(d.image_size), e.norm), g)
     net = net.to(device).train()
     init = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
