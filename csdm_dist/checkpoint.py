@@ -29,7 +29,9 @@ def save(root: Path, step: int, rank: int, write: Callable[[Path], None], meta: 
     write(path)
     dist.barrier()
     if rank == 0:
-        (path / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+        tmp = path / "meta.json.tmp"  # meta.json marks the folder complete: it must appear whole or not at all
+        tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
+        tmp.replace(path / "meta.json")
         for old in complete_steps(root)[:-keep]:
             shutil.rmtree(step_dir(root, old))
     dist.barrier()

@@ -129,12 +129,12 @@ class ExtractorConfig:
 
 @dataclass
 class DistillConfig:
-    iterations: int = 300  # optimisation steps of the synthetic set
+    iterations: int = 200  # optimisation steps of the synthetic set
     real_per_class: int = 64  # expected real images per class per step (Bernoulli subsampling)
     init: str = "real"  # synthetic init: `real` images or gaussian `noise`
     small_class_policy: str = "repeat"  # IPC > n_c: `repeat` real images at init (logged) or `error`
     optimizer: str = "adam"  # `adam` or `sgd`, on the synthetic pixels
-    lr: float = 0.01  # learning rate of the synthetic pixels
+    lr: float = 0.03  # learning rate of the synthetic pixels (normalised pixel space)
     momentum: float = 0.5  # sgd momentum
     augment: bool = True  # differentiable siamese augmentation on real and synthetic batches
     log_every: int = 10  # TensorBoard scalars every this many steps

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from . import rng
+from . import checkpoint, rng
 from .config import Config, register_configs, to_config
 from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import ParallelLayout, Runtime, close_distributed, init_distributed
@@ -63,7 +63,8 @@ def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None) -> dict:
     norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, rt.device)
     init, picked = initial_images(cfg, real, layout, norm)
     syn = SyntheticSet.from_full(init, cfg.dataset.num_classes, cfg.ipc, layout)
-    logger = make_logger(run_dir / "tb", rt.is_main)
+    resume_step = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
+    logger = make_logger(run_dir / "tb", rt.is_main, purge_step=resume_step)
     distiller = Distiller(cfg, rt, layout, real, syn, norm, logger, run_dir)
 
     t0 = time.perf_counter()

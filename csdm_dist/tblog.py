@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from torch import Tensor
 
@@ -14,10 +15,11 @@ class NullLogger:
 
 
 class TBLogger(NullLogger):
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, purge_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(logdir))
+        # on resume, drop events an interrupted run logged past the checkpoint it resumes from
+        self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)
@@ -32,5 +34,5 @@ class TBLogger(NullLogger):
         self.writer.close()
 
 
-def make_logger(logdir: Path, is_main: bool) -> NullLogger:
-    return TBLogger(logdir) if is_main else NullLogger()
+def make_logger(logdir: Path, is_main: bool, purge_step: Optional[int] = None) -> NullLogger:
+    return TBLogger(logdir, purge_step) if is_main else NullLogger()

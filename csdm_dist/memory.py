@@ -1,0 +1,118 @@
+"""Memory per rank of a distillation, estimated from the config alone, so node counts can be chosen before submitting.
+
+Counted (bytes per rank; world = replicas x shards, DESIGN.md section 4):
+- synthetic slice: C * ipc * ch * H * W * 4 / shards (fp32 pixels; bf16: 2 bytes plus a 4-byte master copy)
+- gradients of the slice: the same size (ZeRO >= 2 partitions them over the replicas)
+- optimizer state: Adam 2x the fp32 slice, SGD with momentum 1x; divided by the replicas under ZeRO >= 1
+- spectral statistics: C x (2M + 1) x 4 bytes per side (real, synthetic), x 2 sides (linear kernel: D + 1 for M)
+- real-data store: N / shards x ch x H x W bytes (uint8, held in memory for the whole run)
+- the full synthetic set, briefly at init and at the final gather: C * ipc * ch * H * W * 4
+- extractor activations, roughly: the synthetic slice's forward pass is kept for the backward (about 4 fp32 maps per
+  ConvNet block, 12 per ResNet stage); the real batch's pass (no gradient) holds one block's input and output
+Not counted: the extractor pool, frequencies and phase matrices, CUDA/DeepSpeed workspace and the evaluation. The
+activations dominate at 64 px and above; treat the total as an estimate, not a bound.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    rows: tuple[tuple[str, int, str], ...]  # (item, bytes per rank, how it was computed)
+    world_size: int
+    replicas: int
+    shards: int
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def table(self, ranks_per_node: int = 1) -> str:
+        width = max(len(name) for name, _, _ in self.rows)
+        lines = [f"memory estimate per rank (world {self.world_size} = {self.replicas} replicas x {self.shards} shards):"]
+        lines += [f"  {name:<{width}}  {human(b):>10}   {how}" for name, b, how in self.rows]
+        lines.append(f"  {'total (estimate)':<{width}}  {human(self.total):>10}   + workspace, extractor pool")
+        if ranks_per_node > 1:
+            lines.append(f"  {'per node':<{width}}  {human(self.total * ranks_per_node):>10}   "
+                         f"x {ranks_per_node} ranks per node")
+        return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def feature_dim(cfg: Config) -> int:
+    """Width of the extractor's features (what the linear kernel's statistics sum)."""
+    if cfg.extractor.arch == "resnet18":
+        return 512
+    size = cfg.dataset.image_size
+    for _ in range(cfg.extractor.depth_at(size)):
+        size //= 2
+    return cfg.extractor.width * max(size, 1) ** 2
+
+
+def activation_bytes(cfg: Config) -> tuple[int, int]:
+    """(bytes kept per image for the backward, peak bytes per image of a forward without gradient), fp32."""
+    ch, size = cfg.dataset.channels, cfg.dataset.image_size
+    if cfg.extractor.arch == "resnet18":
+        maps = [(64 * 2 ** s) * (size // 2 ** s) ** 2 for s in range(4)]
+        return 4 * (3 * maps[0] + 12 * sum(maps)), 4 * (ch * size * size + 2 * max(maps))
+    width, depth = cfg.extractor.width, cfg.extractor.depth_at(size)
+    maps = [width * max(size // 2 ** i, 1) ** 2 for i in range(depth)]
+    return 4 * 4 * sum(maps), 4 * (ch * size * size + 2 * max(maps))
+
+
+def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int | None = None) -> MemoryEstimate:
+    """Bytes per rank for `cfg` on `world_size` ranks, with `num_real` real training images in the dataset and
+    `real_batch` real images drawn per step over all ranks (default: min(num_real, classes x real_per_class))."""
+    replicas = cfg.parallel.replicas
+    if world_size % replicas:
+        raise ValueError(f"parallel.replicas={replicas} does not divide the world size {world_size}")
+    shards = world_size // replicas
+    c, ipc, d = cfg.dataset.num_classes, cfg.ipc, cfg.dataset
+    ch_hw = d.channels * d.image_size * d.image_size
+    pixels = math.ceil(c * ipc / shards) * ch_hw  # this rank's synthetic pixels
+    zero, bf16 = cfg.deepspeed.zero_stage, cfg.deepspeed.bf16
+    rows: list[tuple[str, int, str]] = []
+    fmt = f"{c} x {ipc} x {d.channels} x {d.image_size} x {d.image_size}"
+    if bf16:
+        rows.append(("synthetic slice (bf16)", pixels * 2, f"{fmt} x 2 B / {shards} shards"))
+        rows.append(("fp32 master copy", pixels * 4 // (replicas if zero >= 1 else 1),
+                     f"{fmt} x 4 B / {shards} shards" + (f" / {replicas} replicas (ZeRO {zero})" if zero >= 1 else "")))
+    else:
+        rows.append(("synthetic slice", pixels * 4, f"{fmt} x 4 B / {shards} shards"))
+    grad_div = replicas if zero >= 2 else 1
+    rows.append(("gradients", pixels * (2 if bf16 else 4) // grad_div,
+                 "same as the slice" + (f" / {replicas} replicas (ZeRO {zero})" if grad_div > 1 else "")))
+    states = 2 if cfg.distill.optimizer == "adam" else (1 if cfg.distill.momentum else 0)
+    if states:
+        opt_div = replicas if zero >= 1 else 1
+        where = " (host memory: offload)" if cfg.deepspeed.offload_optimizer else ""
+        rows.append(("optimizer state", pixels * 4 * states // opt_div,
+                     f"{cfg.distill.optimizer}: {states} x fp32 slice" +
+                     (f" / {replicas} replicas (ZeRO {zero})" if opt_div > 1 else "") + where))
+    m = feature_dim(cfg) if cfg.method.kernel.name == "linear" else cfg.method.kernel.num_freqs
+    per_class = (m + 1) if cfg.method.kernel.name == "linear" else (2 * m + 1)
+    rows.append(("spectral statistics", c * per_class * 4 * 2,
+                 f"{c} classes x {per_class} x 4 B x 2 sides" +
+                 (" (linear: D + 1)" if cfg.method.kernel.name == "linear" else f" (2M + 1, M = {m})")))
+    rows.append(("real-data store", math.ceil(num_real / shards) * ch_hw,
+                 f"{num_real} images / {shards} shards x {d.channels} x {d.image_size} x {d.image_size} uint8"))
+    rows.append(("full set (init, final gather)", c * ipc * ch_hw * 4, f"{fmt} x 4 B, briefly"))
+    kept, peak = activation_bytes(cfg)
+    n_syn = math.ceil(c * ipc / shards)
+    rows.append(("activations, synthetic", n_syn * kept, f"{n_syn} images x {human(kept)} kept for the backward"))
+    if real_batch is None:
+        real_batch = min(num_real, c * cfg.distill.real_per_class)
+    n_real = math.ceil(real_batch / shards)
+    rows.append(("activations, real (no grad)", n_real * peak, f"~{n_real} images per step x {human(peak)} peak"))
+    return MemoryEstimate(tuple(rows), world_size, replicas, shards)
