@@ -161,3 +161,16 @@ def test_stop_request_saves_and_resume_matches(data_overrides, tmp_path):
     assert res["timing"]["steps"] == 5
     full = torch.load(tmp_path / "full" / "distilled.pt", weights_only=False)["images"]
     assert torch.equal(full, torch.load(tmp_path / "cut" / "distilled.pt", weights_only=False)["images"])
+
+
+def test_ipc_larger_than_a_class_follows_the_policy(data_overrides, tmp_path, caplog):
+    """The two tail classes hold 3 real images; ipc=4 repeats them at init (logged) or fails under `error`."""
+    over = data_overrides + TINY + ["ipc=4", "distill.iterations=0", "evaluate=false"]
+    with caplog.at_level("WARNING"):
+        distil(over + [f"out_dir={tmp_path / 'repeat'}"])
+    assert "class 8 has 3 real images < ipc=4" in caplog.text
+    images = torch.load(tmp_path / "repeat" / "distilled.pt", weights_only=False)["images"]
+    assert torch.equal(images[8 * 4], images[8 * 4 + 3])  # slot 3 cycles back to the first image
+    assert not torch.equal(images[0], images[3])  # a large class gets 4 distinct images
+    with pytest.raises(ValueError, match="small_class_policy"):
+        distil(over + ["distill.small_class_policy=error", f"out_dir={tmp_path / 'error'}"])
