@@ -42,7 +42,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _check(self.name in EXECUTORS, "cluster.name", f"{self.name!r} is not one of {EXECUTORS}")
         _check(self.nodes >= 1, "cluster.nodes", f"must be >= 1, got {self.nodes}")
-        _check(self.gpus_per_node >= 1, "cluster.gpus_per_node", f"must be >= 1 (tasks per node), got {self.gpus_per_node}")
+        _check(self.gpus_per_node >= 1, "cluster.gpus_per_node",
+               f"must be >= 1 (tasks per node), got {self.gpus_per_node}")
         _check(self.cpus_per_task >= 1, "cluster.cpus_per_task", f"must be >= 1, got {self.cpus_per_task}")
         _check(self.time_min >= 1, "cluster.time_min", f"must be >= 1 minute, got {self.time_min}")
         _check(self.mem_gb is None or self.mem_gb > 0, "cluster.mem_gb", f"must be > 0 or null, got {self.mem_gb}")

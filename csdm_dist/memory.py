@@ -33,7 +33,8 @@ class MemoryEstimate:
 
     def table(self, ranks_per_node: int = 1) -> str:
         width = max(len(name) for name, _, _ in self.rows)
-        lines = [f"memory estimate per rank (world {self.world_size} = {self.replicas} replicas x {self.shards} shards):"]
+        lines = [f"memory estimate per rank (world {self.world_size} = {self.replicas} replicas x "
+                 f"{self.shards} shards):"]
         lines += [f"  {name:<{width}}  {human(b):>10}   {how}" for name, b, how in self.rows]
         lines.append(f"  {'total (estimate)':<{width}}  {human(self.total):>10}   + workspace, extractor pool")
         if ranks_per_node > 1:
