@@ -10,6 +10,7 @@ and all-reduces statistics; ranks with the same shard index form a replica group
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -54,8 +55,27 @@ def _first_node(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+def keep_freed_host_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory instead of returning it to the OS (mallopt).
+
+    A step allocates and frees hundreds of MB of activations; by default glibc serves such blocks with mmap and
+    unmaps them on free, so every step page-faults them in again (measured on the 2-core CPU: ~800k faults and
+    about half the step time). Same effect as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>. Returns False
+    where the C library is not glibc (nothing to tune there).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.info("not glibc: host allocator left as it is")
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def init_distributed(device: str = "auto") -> Runtime:
     """Join (or make) the process group; the device is cuda:LOCAL_RANK when CUDA is used, else the CPU."""
+    keep_freed_host_memory()
     if "RANK" not in os.environ and (slurm := slurm_environment(dict(os.environ))) is not None:
         os.environ.update(slurm)  # DeepSpeed and webdataset read these too
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
