@@ -111,6 +111,7 @@ class ExtractorConfig:
     norm: str = "instancenorm"  # `instancenorm`, `batchnorm` or `none`
     mode: str = "random"  # `random`: fresh init every step; `pool`: interpolate a pretrained pool
     pool_path: Optional[str] = None  # pool file written by `python -m csdm_dist.pretrain` (mode=pool)
+    interpolate: bool = True  # pool: theta = l theta_init + (1 - l) theta_trained, l ~ U(0,1); false: trained as is
     pool_size: int = 4  # networks in the pool (pretrain)
     pool_epochs: int = 10  # epochs of pre-training per pool network (pretrain)
 
@@ -125,6 +126,18 @@ class ExtractorConfig:
     def depth_at(self, image_size: int) -> int:
         """The ConvNet depth used for `image_size` px images."""
         return self.depth if self.depth is not None else max(1, round(math.log2(image_size)) - 2)
+
+
+@dataclass
+class FeaturesConfig:
+    """real_source=features: real features precomputed by a fixed extractor pool (data_prep.extract_features)."""
+    dir: Optional[str] = None  # feature shards; None: <dataset dir>/features/<pool file name without .pt>
+    views: int = 1  # views per image: view 0 is the image itself, views 1.. are augmented copies (extraction)
+    dtype: str = "float16"  # storage precision of the shards: float16 or float32 (statistics are always fp32)
+
+    def __post_init__(self) -> None:
+        _check(self.views >= 1, "features.views", f"must be >= 1, got {self.views}")
+        _check(self.dtype in ("float16", "float32"), "features.dtype", f"{self.dtype!r} is not float16 or float32")
 
 
 @dataclass
@@ -207,6 +220,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    real_source: str = "images"  # `images`: featurise real batches every step; `features`: precomputed shards
     ipc: int = 10  # synthetic images per class
     seed: int = 0  # seeds every random draw of the run
     out_dir: str = "runs/${dataset.name}/${method.name}-ipc${ipc}-seed${seed}"  # the run directory
@@ -218,6 +233,11 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.ipc >= 1, "ipc", f"must be >= 1, got {self.ipc}")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
+        _check(self.real_source in ("images", "features"), "real_source",
+               f"{self.real_source!r} is not `images` or `features`")
+        _check(self.real_source == "images" or (self.extractor.mode == "pool" and not self.extractor.interpolate),
+               "real_source", "features need a fixed extractor: set extractor.mode=pool extractor.interpolate=false "
+               "(the features were computed by the pool's trained networks)")
 
 
 def register_configs() -> None:

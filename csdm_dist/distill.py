@@ -19,10 +19,13 @@ from torchvision.utils import save_image
 
 from . import checkpoint, rng
 from .config import Config, register_configs, to_config
+from .data.features import (FeatureData, check_provenance, features_dir, load_features_manifest, provenance,
+                            read_features)
 from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import ParallelLayout, Runtime, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
 from .evaluate import evaluate_set
+from .extractors import file_sha256
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
 from .preempt import StopSignal
 from .synthetic import SyntheticSet, pick_real_init
@@ -40,6 +43,14 @@ def load_real(cfg: Config, layout: ParallelLayout, device: torch.device) -> tupl
         raise ValueError(f"{ddir} has {len(counts)} classes but dataset.num_classes={cfg.dataset.num_classes}")
     real = RealData(shard.images.to(device), shard.labels.to(device), shard.ids.to(device), counts)
     log.info("rank %d holds %d of %d real images", layout.shard_rank, len(shard.labels), int(counts.sum()))
+    if cfg.real_source == "features":
+        folder = features_dir(cfg)
+        fm = load_features_manifest(folder)
+        check_provenance(folder, fm, provenance(cfg, manifest, file_sha256(Path(cfg.extractor.pool_path))))
+        f = read_features(folder, layout.shard_rank, layout.shards)
+        real.features = FeatureData(f.feats.to(device), f.labels.to(device), f.ids.to(device))
+        log.info("rank %d holds %d real feature vectors x %d members x %d views from %s", layout.shard_rank,
+                 f.feats.shape[2], f.feats.shape[0], f.feats.shape[1], folder)
     return real, manifest
 
 
@@ -66,6 +77,11 @@ def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None) -> dict:
     resume_step = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
     logger = make_logger(run_dir / "tb", rt.is_main, purge_step=resume_step)
     distiller = Distiller(cfg, rt, layout, real, syn, norm, logger, run_dir)
+    if real.features is not None:
+        if real.features.feats.shape[0] != len(distiller.extractor.pool):
+            raise ValueError("the feature shards hold another number of pool members than extractor.pool_path")
+        real.images = real.images[:0]  # the images served the initialisation; statistics come from the features
+    logger.text("run/real_source", cfg.real_source, 0)
 
     t0 = time.perf_counter()
     if cfg.method.name != "random" and not distiller.run(stop):
@@ -82,6 +98,7 @@ def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None) -> dict:
         save_image(norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
+               "real_source": cfg.real_source,
                "world_size": rt.world_size, "hardware": hardware(rt.device), "class_counts": counts,
                "timing": {"distill_s": distill_s, "step_ms_median": distiller.step_ms_median(),
                           "steps": distiller.step}}

@@ -22,6 +22,7 @@ from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config
 from .dist import ParallelLayout, Runtime, all_reduce_sum, global_sum_local_grad
 from .engine import build_engine, load_engine, save_engine
+from .data.features import FeatureData
 from .extractors import Extractor
 from .preempt import StopSignal
 from .runinfo import config_hash
@@ -54,6 +55,7 @@ class RealData:
     labels: Tensor
     ids: Tensor
     counts: Tensor  # [num_classes] over the whole set (manifest)
+    features: FeatureData | None = None  # real_source=features: precomputed [K, A, N', d] (its own labels, ids)
 
 
 class Distiller:
@@ -104,7 +106,7 @@ class Distiller:
         cfg, group, t = self.cfg, self.layout.shard_group, self.timer
         with t("draws"):
             g = rng.generator(cfg.seed, step, rng.EXTRACTOR, self.layout.replica)  # shared by the replica's ranks
-            self.extractor.prepare(g)
+            member = self.extractor.prepare(g)
             freqs = None
             if self.kernel.name != "linear":
                 freqs = S.sample_frequencies(self.kernel.name, self.kernel.num_freqs, self.extractor.feature_dim,
@@ -113,8 +115,13 @@ class Distiller:
 
         with torch.no_grad():
             with t("real_features"):
-                x, y, ids = self.real_batch(step)
-                z = self.features(x, ids, op, rng.REAL_AUG, step)
+                if self.real.features is None:
+                    x, y, ids = self.real_batch(step)
+                    z = self.features(x, ids, op, rng.REAL_AUG, step)
+                else:  # every real feature of this rank, at this step's extractor and view: exact full-data stats
+                    f = self.real.features
+                    view = int(torch.randint(f.feats.shape[1], (1,), generator=g)) if f.feats.shape[1] > 1 else 0
+                    z, y = self.extractor.finish(f.feats[member, view]), f.labels
             with t("real_statistics"):
                 sums, n = S.class_statistics(z, y, self.num_classes, freqs)
             with t("all_reduce"):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 # streams: fixed small integers so a key never collides across uses
-INIT, EXTRACTOR, FREQS, AUG_OP, REAL_PICK, REAL_AUG, SYN_AUG, EVAL, DATA = range(9)
+INIT, EXTRACTOR, FREQS, AUG_OP, REAL_PICK, REAL_AUG, SYN_AUG, EVAL, DATA, FEATURE_VIEW = range(10)
 
 _M31 = (1 << 31) - 1
 

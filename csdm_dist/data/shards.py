@@ -11,6 +11,7 @@ import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,22 +79,16 @@ def shard_sizes(num_samples: int, samples_per_shard: int) -> list[int]:
     return [min(samples_per_shard, num_samples - s) for s in range(0, num_samples, samples_per_shard)]
 
 
-def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: int = 1) -> ShardData:
-    """Read shards shard_rank, shard_rank + num_shards, ... of a split into memory (decoded, [N, C, H, W])."""
+def stream_shards(folder: Path, shards: list[str], sizes: list[int], shard_rank: int, num_shards: int,
+                  rebuild: str, desc: str, progress: bool) -> Iterator[dict]:
+    """Yield the raw samples of shards shard_rank, shard_rank + num_shards, ... of `shards`, checking that each
+    holds exactly its manifest count; any unreadable or inconsistent shard raises ShardError naming it."""
     if not 0 <= shard_rank < num_shards:
         raise ValueError(f"need 0 <= shard_rank < num_shards, got shard_rank={shard_rank}, num_shards={num_shards}")
-    dataset_dir = Path(dataset_dir)
-    manifest = load_manifest(dataset_dir)
-    if split not in manifest:
-        raise KeyError(f"split {split!r} is not in {dataset_dir / MANIFEST}; it has "
-                       f"{[k for k in manifest if isinstance(manifest[k], dict) and 'shards' in manifest[k]]}")
-    entry = manifest[split]
-    rebuild = f"rebuild with `python -m data_prep.build dataset={manifest['name']} force=true`"
-    c, s, num_classes = manifest["channels"], manifest["image_size"], len(manifest["class_names"])
-    expected = dict(zip(entry["shards"], entry["shard_sizes"]))
-    mine = entry["shards"][shard_rank::num_shards]
-    n = sum(expected[name] for name in mine)
-    images, labels, ids = np.empty((n, s, s, c), np.uint8), np.empty(n, np.int64), np.empty(n, np.int64)
+    expected = dict(zip(shards, sizes))
+    mine = shards[shard_rank::num_shards]
+    if not mine:  # a rank past the last shard holds nothing (webdataset rejects an empty url list)
+        return
     seen = dict.fromkeys(mine, 0)
     current = [""]  # the shard being streamed, for error messages
 
@@ -102,26 +97,41 @@ def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: i
             current[0] = item["url"]
             yield item
 
-    urls = [str(dataset_dir / name) for name in entry["shards"]]
-    ds = wds.WebDataset(urls, nodesplitter=split_by_rank, workersplitter=None, shardshuffle=False,
-                        empty_check=False) if mine else []  # (webdataset rejects an empty url list)
-    k = 0
+    urls = [str(Path(folder) / name) for name in shards]
+    ds = wds.WebDataset(urls, nodesplitter=split_by_rank, workersplitter=None, shardshuffle=False, empty_check=False)
     try:
-        for sample in tqdm(ds, total=n, desc=f"read {split}", unit="img",
-                           disable=entry["num_samples"] <= PROGRESS_MIN_SAMPLES):
+        for sample in tqdm(ds, total=sum(expected[m] for m in mine), desc=desc, unit="sample", disable=not progress):
             name = Path(sample["__url__"]).name
             seen[name] += 1
             if seen[name] > expected[name]:
                 raise ShardError(f"shard {sample['__url__']} holds more samples than the manifest's "
                                  f"{expected[name]}; {rebuild}")
-            images[k], labels[k], ids[k] = _parse_sample(sample, c, s, num_classes, rebuild)
-            k += 1
+            yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # unreadable tar, missing file, bad int
         raise ShardError(f"cannot read shard {current[0]} ({type(e).__name__}: {e}); {rebuild}") from e
     short = [f"{name} ({seen[name]} of {expected[name]})" for name in mine if seen[name] != expected[name]]
     if short:
-        raise ShardError(f"shard(s) {', '.join(str(dataset_dir / x) for x in short)} hold fewer samples than the "
+        raise ShardError(f"shard(s) {', '.join(str(Path(folder) / x) for x in short)} hold fewer samples than the "
                          f"manifest says (truncated?); {rebuild}")
+
+
+def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: int = 1) -> ShardData:
+    """Read shards shard_rank, shard_rank + num_shards, ... of a split into memory (decoded, [N, C, H, W])."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    if split not in manifest:
+        raise KeyError(f"split {split!r} is not in {dataset_dir / MANIFEST}; it has "
+                       f"{[k for k in manifest if isinstance(manifest[k], dict) and 'shards' in manifest[k]]}")
+    entry = manifest[split]
+    rebuild = f"rebuild with `python -m data_prep.build dataset={manifest['name']} force=true`"
+    c, s, num_classes = manifest["channels"], manifest["image_size"], len(manifest["class_names"])
+    sizes = dict(zip(entry["shards"], entry["shard_sizes"]))
+    n = sum(sizes[name] for name in entry["shards"][shard_rank::num_shards])
+    images, labels, ids = np.empty((n, s, s, c), np.uint8), np.empty(n, np.int64), np.empty(n, np.int64)
+    samples = stream_shards(dataset_dir, entry["shards"], entry["shard_sizes"], shard_rank, num_shards, rebuild,
+                            f"read {split}", entry["num_samples"] > PROGRESS_MIN_SAMPLES)
+    for k, sample in enumerate(samples):
+        images[k], labels[k], ids[k] = _parse_sample(sample, c, s, num_classes, rebuild)
     return ShardData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                      torch.from_numpy(labels), torch.from_numpy(ids))
 

@@ -8,45 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from csdm_dist.config import ConfigError, register_configs, to_config
+from csdm_dist.config import ConfigError, to_config
 from csdm_dist.dist import close_distributed, init_distributed
 from csdm_dist.distill import run
 from csdm_dist.evaluate import evaluate_file
 from csdm_dist.pretrain import pretrain
-from data_prep.build import build_dataset
-from fakes import write_fake_fashion_mnist
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TINY = ["ipc=2", "extractor.width=16", "extractor.depth=2", "method.kernel.num_freqs=64",
-        "distill.real_per_class=8", "distill.log_every=2", "distill.image_every=3", "eval.epochs=2",
-        "eval.repeats=1", "eval.test_batch_size=256", "device=cpu"]
-
-
-def compose_cfg(overrides, name="config"):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose(config_name=name, overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist")
-    write_fake_fashion_mnist(root / "raw", n_per_class=30, num_classes=10, seed=0)
-    over = [f"dataset.raw_root={root / 'raw'}", f"dataset.data_root={root / 'data'}", "dataset.imbalance_factor=10"]
-    build_dataset(to_config(compose_cfg(over)).dataset)
-    return over
-
-
-def distil(overrides):
-    cfg = to_config(compose_cfg(overrides))
-    rt = init_distributed(cfg.device)
-    try:
-        return cfg, run(cfg, rt)
-    finally:
-        close_distributed()
-
+from runs import TINY, compose_cfg, distil
 
 def test_end_to_end_writes_every_output(data_overrides, tmp_path):
     out = tmp_path / "run"
