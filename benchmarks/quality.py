@@ -1,0 +1,116 @@
+"""Distilled-set quality on Fashion-MNIST-LT: methods x imbalance factors, one evaluation protocol for all.
+
+    .venv/bin/python benchmarks/quality.py --quick            # CPU, under 15 minutes
+    .venv/bin/python benchmarks/quality.py                    # full mode (meant for a GPU)
+    .venv/bin/python benchmarks/quality.py --out-dir DIR --if 10 100 --methods csdm dm -- method.kernel.bandwidth=0.5
+
+For each imbalance factor it builds the long-tailed shards (skipped when they exist), runs
+`python -m csdm_dist.distill` once per method (`random` is the IPC-random-real baseline: the starting point of
+every other method, the same images), and collects each run's results.json into a Markdown table and a JSON file.
+`csdm-features` is CSDM with real_source=features: it pretrains a pool, extracts feature shards with it (both
+skipped when present) and distils against the exact full-data statistics of those fixed extractors.
+Every method is evaluated with the same protocol, epochs, repeats and seed. Extra arguments after `--` are Hydra
+overrides passed to every distillation (for ablations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("random", "dm", "ncfm", "csdm", "csdm-features")
+MODES = {  # distill iterations, eval epochs, eval repeats
+    "quick": {"distill.iterations": 60, "eval.epochs": 100, "eval.repeats": 1},
+    "full": {"distill.iterations": 200, "eval.epochs": 300, "eval.repeats": 3},
+}
+POOL = {"quick": ["extractor.pool_size=2", "extractor.pool_epochs=2"],  # csdm-features: the fixed pool
+        "full": ["extractor.pool_size=4", "extractor.pool_epochs=5"]}
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU-sized settings (%s)" % MODES["quick"])
+    p.add_argument("--if", dest="ifs", type=float, nargs="+", default=[10, 100, 200], help="imbalance factors")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
+    p.add_argument("--data-root", default=str(ROOT / "data"))
+    p.add_argument("--out-dir", type=Path, default=None, help="default: runs/quality-<mode>")
+    p.add_argument("--device", default="auto")
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    return args, extra
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
+
+
+def main(argv=None) -> dict:
+    args, extra = parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    out = args.out_dir or ROOT / "runs" / f"quality-{mode}"
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    data = [f"dataset=fashion_mnist_lt", f"dataset.raw_root={args.raw_root}", f"dataset.data_root={args.data_root}"]
+    settings = [f"{k}={v}" for k, v in MODES[mode].items()]
+    rows, t_start = [], time.perf_counter()
+    for imb in args.ifs:
+        run([py, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"], out / f"build-if{imb:g}.log")
+        for method in args.methods:
+            run_dir = out / f"if{imb:g}" / method
+            common = [*data, f"dataset.imbalance_factor={imb:g}", f"seed={args.seed}", f"device={args.device}"]
+            source = []
+            if method == "csdm-features":
+                pool = Path(args.data_root) / "pools" / f"fmnist-if{imb:g}-{mode}-s{args.seed}.pt"
+                source = ["extractor.mode=pool", "extractor.interpolate=false", f"extractor.pool_path={pool}"]
+                if not pool.is_file():
+                    run([py, "-m", "csdm_dist.pretrain", *common, *POOL[mode], f"extractor.pool_path={pool}", *extra],
+                        out / f"if{imb:g}-pretrain.log")
+                run([py, "-m", "data_prep.extract_features", *common, *POOL[mode], *source, *extra],
+                    out / f"if{imb:g}-extract.log")
+                source += ["real_source=features", *POOL[mode]]
+            cmd = [py, "-m", "csdm_dist.distill", *common, f"method={method.split('-')[0]}", f"ipc={args.ipc}",
+                   "baseline=false", "resume=false", f"out_dir={run_dir}", *source, *settings, *extra]
+            t0 = time.perf_counter()
+            print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} ...", flush=True)
+            run(cmd, out / f"if{imb:g}-{method}.log")
+            res = json.loads((run_dir / "results.json").read_text())
+            acc = res["accuracy"]
+            rows.append({"imbalance_factor": imb, "method": method, "mean": acc["mean"], "std": acc["std"],
+                         "many": acc["many"], "medium": acc["medium"], "few": acc["few"],
+                         "distill_s": res["timing"]["distill_s"], "wall_s": time.perf_counter() - t0})
+    table = markdown(rows, args, mode, extra)
+    report = {"mode": mode, "settings": MODES[mode], "extra_overrides": extra, "ipc": args.ipc, "seed": args.seed,
+              "protocol": "dm", "rows": rows, "total_s": time.perf_counter() - t_start}
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    (out / "quality.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out / 'quality.md'} and {out / 'quality.json'} in {report['total_s']:.0f} s")
+    return report
+
+
+def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
+    s = MODES[mode]
+    lines = [f"Fashion-MNIST-LT, IPC {args.ipc}, {mode} mode: {s['distill.iterations']} distillation steps, dm "
+             f"protocol {s['eval.epochs']} epochs x {s['eval.repeats']} repeats (accuracy %, mean +- std)"
+             + (f"; overrides: {' '.join(extra)}" if extra else ""), "",
+             "| IF | method | overall | many | medium | few | distil s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | {r['mean']:.2f} +- {r['std']:.2f} | "
+                     f"{r['many']:.2f} | {r['medium']:.2f} | {r['few']:.2f} | {r['distill_s']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
