@@ -144,6 +144,7 @@ class FeaturesConfig:
 class DistillConfig:
     iterations: int = 200  # optimisation steps of the synthetic set
     real_per_class: int = 64  # expected real images per class per step (Bernoulli subsampling)
+    real_chunk: int = 2048  # real images per extractor forward pass: bounds activation memory
     init: str = "real"  # synthetic init: `real` images or gaussian `noise`
     small_class_policy: str = "repeat"  # IPC > n_c: `repeat` real images at init (logged) or `error`
     optimizer: str = "adam"  # `adam` or `sgd`, on the synthetic pixels
@@ -158,6 +159,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _check(self.iterations >= 0, "distill.iterations", f"must be >= 0, got {self.iterations}")
         _check(self.real_per_class >= 1, "distill.real_per_class", "must be >= 1")
+        _check(self.real_chunk >= 1, "distill.real_chunk", "must be >= 1")
         _check(self.init in ("real", "noise"), "distill.init", f"{self.init!r} is not `real` or `noise`")
         _check(self.small_class_policy in ("repeat", "error"), "distill.small_class_policy",
                f"{self.small_class_policy!r} is not `repeat` or `error`")

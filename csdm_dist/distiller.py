@@ -91,10 +91,13 @@ class Distiller:
         idx = keep.nonzero().squeeze(1)  # host sync: the batch size is data dependent
         return self.norm(r.images[idx]), r.labels[idx], r.ids[idx]
 
-    def features(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int) -> Tensor:
+    def features(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int, chunk: int | None = None) -> Tensor:
+        """Augmented, embedded features; `chunk` splits the forward (real side, no grad) to bound memory."""
         if op is not None:
             x = augment(x, op, rng.sample_uniforms(ids, self.cfg.seed, step, stream, NUM_UNIFORMS))
-        return self.extractor.embed(x)
+        if chunk is None or len(x) <= chunk:
+            return self.extractor.embed(x)
+        return torch.cat([self.extractor.embed(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
     def loss(self, real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         w = self.cfg.method.weighting
@@ -117,7 +120,7 @@ class Distiller:
             with t("real_features"):
                 if self.real.features is None:
                     x, y, ids = self.real_batch(step)
-                    z = self.features(x, ids, op, rng.REAL_AUG, step)
+                    z = self.features(x, ids, op, rng.REAL_AUG, step, cfg.distill.real_chunk)
                 else:  # every real feature of this rank, at this step's extractor and view: exact full-data stats
                     f = self.real.features
                     view = int(torch.randint(f.feats.shape[1], (1,), generator=g)) if f.feats.shape[1] > 1 else 0

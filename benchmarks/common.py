@@ -1,0 +1,148 @@
+"""Shared pieces of the benchmarks: a Distiller built from random tensors, and a check on the machine's load.
+
+`build_distiller` composes the real Hydra config (configs/config.yaml plus overrides), fills RealData with random
+uint8 images shaped and counted like the dataset's long-tailed training split (global ids 0..N-1 in class-major
+order, shard s holding ids s, s + shards, ...; no shards are read from disk), starts from random synthetic images
+and builds the Distiller. Speed does not depend on pixel values, so the timings are those of the real dataset.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PHASES = ("draws", "real_features", "real_statistics", "all_reduce", "syn_forward", "syn_backward", "optimizer")
+# head-class count of each raw training split, used when dataset.n_max is null (imagenet_lt's counts come from
+# its split lists: pass dataset.n_max=... for it)
+RAW_N_MAX = {"fashion_mnist": 6000, "cifar10": 5000, "cifar100": 500, "tiny_imagenet": 500, "imagenet": 1300}
+# overrides every benchmark uses: no evaluation, logging, images or checkpoints, no resume
+QUIET = ["evaluate=false", "resume=false", "distill.log_every=1000000", "distill.image_every=0",
+         "distill.checkpoint_every=0"]
+
+
+def compose(overrides: list[str]):
+    """The typed Config of configs/config.yaml with `overrides` (Hydra syntax) applied."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from csdm_dist.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return to_config(hydra_compose(config_name="config", overrides=[*QUIET, *overrides]))
+
+
+def class_counts(cfg) -> list[int]:
+    from csdm_dist.data.longtail import longtail_counts
+
+    d = cfg.dataset
+    n_max = d.n_max or RAW_N_MAX.get(d.source)
+    if n_max is None:
+        raise SystemExit(f"no head-class count known for {d.source}: pass the override dataset.n_max=N")
+    return longtail_counts(n_max, d.num_classes, d.imbalance_factor)
+
+
+def random_real(cfg, layout, device):
+    """This shard's part of the long-tailed training split, as random pixels."""
+    import torch
+
+    from csdm_dist.distiller import RealData
+
+    d = cfg.dataset
+    counts = torch.tensor(class_counts(cfg), dtype=torch.long)
+    all_labels = torch.repeat_interleave(torch.arange(d.num_classes), counts)
+    ids = torch.arange(layout.shard_rank, len(all_labels), layout.shards)
+    g = torch.Generator().manual_seed(1000 + layout.shard_rank)
+    images = torch.randint(0, 256, (len(ids), d.channels, d.image_size, d.image_size), generator=g, dtype=torch.uint8)
+    return RealData(images.to(device), all_labels[ids].to(device), ids.to(device), counts)
+
+
+def build_distiller(cfg, rt, run_dir: Path, timer: bool = False):
+    """A Distiller on random real and synthetic images; `timer` turns its PhaseTimer on. Nothing is written to
+    `run_dir` unless the caller saves a checkpoint."""
+    import torch
+
+    from csdm_dist.dist import ParallelLayout
+    from csdm_dist.distiller import Distiller, Normalizer, PhaseTimer
+    from csdm_dist.synthetic import SyntheticSet
+    from csdm_dist.tblog import NullLogger
+
+    torch.manual_seed(cfg.seed)
+    layout = ParallelLayout.from_world(cfg.parallel.replicas, rt.rank, rt.world_size)
+    d = cfg.dataset
+    real = random_real(cfg, layout, rt.device)
+    norm = Normalizer.build(d.mean, d.std, rt.device)
+    full = torch.randn((d.num_classes * cfg.ipc, d.channels, d.image_size, d.image_size),
+                       generator=torch.Generator().manual_seed(cfg.seed)).to(rt.device)
+    syn = SyntheticSet.from_full(full, d.num_classes, cfg.ipc, layout)
+    distiller = Distiller(cfg, rt, layout, real, syn, norm, NullLogger(), run_dir)
+    distiller.timer = PhaseTimer(enabled=timer, device=rt.device)
+    return distiller
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# machine load: the benchmarks wait for an idle CPU and report what other processes used while they ran
+# ---------------------------------------------------------------------------------------------------------------
+
+def _proc_stat() -> tuple[int, int] | None:
+    """(all, idle + iowait) CPU ticks of the whole machine so far, from /proc/stat."""
+    try:
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(vals), vals[3] + vals[4]
+
+
+def wait_idle(max_wait: float, threshold: float = 0.1) -> float | None:
+    """Wait up to `max_wait` s until less than `threshold` of the CPU is busy; returns the last busy fraction."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        a = _proc_stat()
+        time.sleep(1.0)
+        b = _proc_stat()
+        if a is None or b is None:
+            return None
+        busy = 1.0 - (b[1] - a[1]) / max(1, b[0] - a[0])
+        if busy <= threshold or time.monotonic() >= deadline:
+            return busy
+
+
+def _own_cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # children that were waited for (torchrun and its ranks)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class OtherLoad:
+    """`with OtherLoad() as load: ...`, then `load.cores`: the mean number of cores that processes other than this
+    one (and its finished children) kept busy meanwhile; None where /proc/stat is unreadable."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.cores: float | None = None
+        self._t0, self._stat0, self._own0 = time.perf_counter(), _proc_stat(), _own_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stat1, wall = _proc_stat(), time.perf_counter() - self._t0
+        if self._stat0 is None or stat1 is None or wall <= 0:
+            return
+        busy = ((stat1[0] - stat1[1]) - (self._stat0[0] - self._stat0[1])) / os.sysconf("SC_CLK_TCK")
+        self.cores = max(0.0, busy - (_own_cpu_seconds() - self._own0)) / wall
+
+
+def cores_available() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "cores_available": cores_available(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
