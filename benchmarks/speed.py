@@ -10,9 +10,10 @@ random (common.build_distiller); speed does not depend on them. One process (a w
 
 Per device: warm-up steps, then
 1. step: `Distiller.train_step` with the PhaseTimer off, as in a normal run (median over the measured steps);
-2. floor, right after each step: `distiller.extractor.embed(x)` under torch.no_grad on x = the same step's
-   `distiller.real_batch(step)` (median). `embed` includes the L2 normalisation of the features (and bf16
-   autocast on CUDA, as in a step); the batch's indexing and uint8 -> float conversion happen before the clock;
+2. floor, right after each step: the bare extractor forward under torch.no_grad on x = the same step's
+   `distiller.real_batch(step)`, in the step's chunks of distill.real_chunk images (median), without
+   augmentation; it includes the L2 normalisation of the features (and bf16 autocast on CUDA, as in a step);
+   the batch's indexing and uint8 -> float conversion happen before the clock;
 3. phases: the same steps again with the PhaseTimer on (it synchronises CUDA at each phase boundary).
 Peak memory: the host's peak RSS of the process so far (ru_maxrss, which cannot be reset, so step and floor
 share it) and, on CUDA, torch.cuda.max_memory_allocated of the step and of the floor. The host's minor page
@@ -101,7 +102,7 @@ def measure(device: str, steps: int, warmup: int, extra: list[str] | tuple[str, 
                     x = d.real_batch(s)[0]
                     start_peak()
                     t0 = clock()
-                    d.extractor.embed(x)
+                    d.features(x, None, None, 0, s, chunk=d.cfg.distill.real_chunk)  # forward as the step runs it
                     floor_s.append(clock() - t0)
                     del x
                 floor_peak = {k: max(v, floor_peak.get(k, 0.0)) for k, v in peak().items()}
@@ -143,7 +144,7 @@ def report(results: list[dict], cfg, expected_batch: float) -> None:
     print(f"\n{d.name} counts {class_counts(cfg)}, {d.image_size} px x {d.channels}, real_per_class "
           f"{cfg.distill.real_per_class} (expected {expected_batch:.0f} real images/step), {e.arch} depth "
           f"{e.depth_at(d.image_size)} width {e.width}, IPC {cfg.ipc}, M {cfg.method.kernel.num_freqs}, method "
-          f"{cfg.method.name}. Medians; floor = extractor.embed (forward + L2 normalisation) over the step's real "
+          f"{cfg.method.name}. Medians; floor = the extractor forward (in distill.real_chunk chunks, + L2 normalisation) over the step's real "
           f"batch.")
     print("| device | threads | step (s) | floor (s) | step/floor | target | real img/step | host peak RSS (MB) | "
           f"device peak (MB) | NCFM A100 (s/iter) |\n|{'---|' * 10}")
