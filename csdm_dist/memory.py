@@ -115,5 +115,7 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
     if real_batch is None:
         real_batch = min(num_real, c * cfg.distill.real_per_class)
     n_real = math.ceil(real_batch / shards)
-    rows.append(("activations, real (no grad)", n_real * peak, f"~{n_real} images per step x {human(peak)} peak"))
+    n_live = min(n_real, cfg.distill.real_chunk)  # the real forward runs in chunks of distill.real_chunk
+    rows.append(("activations, real (no grad)", n_live * peak,
+                 f"~{n_real} images per step, {n_live} at a time (distill.real_chunk) x {human(peak)} peak"))
     return MemoryEstimate(tuple(rows), world_size, replicas, shards)
