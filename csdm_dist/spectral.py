@@ -83,20 +83,33 @@ def gaussian_mmd2(x: Tensor, y: Tensor, bandwidth: float) -> Tensor:
 # Per-class sufficient statistics
 # ---------------------------------------------------------------------------------------------------------------
 
-def class_statistics(features: Tensor, labels: Tensor, num_classes: int, freqs: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per-class sums [C, F] and counts [C] of a sample set, for all classes in one matrix product.
+def class_statistics(features: Tensor, labels: Tensor, num_classes: int, freqs: Tensor | None,
+                     chunk: int = 16384) -> tuple[Tensor, Tensor]:
+    """Per-class sums [C, F] and counts [C] of a sample set, for all classes at once.
 
     `freqs` [M, d] gives F = 2M (sum cos(t.z), then sum sin(t.z)); `freqs=None` is the linear kernel, F = d.
-    Computed in fp32 (fp64 if the features are fp64), whatever the features' dtype (bf16 under autocast).
+    Computed in fp32 (fp64 if the features are fp64), whatever the features' dtype (bf16 under autocast), over
+    `chunk` samples at a time so the [n, 2M] cos/sin block stays small whatever the set's size. Per-class sums
+    use index_add on the CPU and a one-hot product on CUDA (index_add there adds in no fixed order: results would
+    not be reproducible).
     """
-    z = features if features.dtype == torch.float64 else features.float()
-    with torch.autocast(device_type=z.device.type, enabled=False):  # the statistics stay in full precision
-        if freqs is not None:
-            proj = z @ freqs.to(z.dtype).t()
-            z = torch.cat([torch.cos(proj), torch.sin(proj)], dim=1)
-        onehot = torch.zeros(num_classes, z.shape[0], device=z.device, dtype=z.dtype)
-        onehot[labels, torch.arange(z.shape[0], device=z.device)] = 1.0
-        return onehot @ z, onehot.sum(1)
+    z_all = features if features.dtype == torch.float64 else features.float()
+    width = 2 * freqs.shape[0] if freqs is not None else z_all.shape[1]
+    sums = torch.zeros(num_classes, width, device=z_all.device, dtype=z_all.dtype)
+    with torch.autocast(device_type=z_all.device.type, enabled=False):  # the statistics stay in full precision
+        for i in range(0, z_all.shape[0], chunk):
+            z, y = z_all[i:i + chunk], labels[i:i + chunk]
+            if freqs is not None:
+                proj = z @ freqs.to(z.dtype).t()
+                z = torch.cat([torch.cos(proj), torch.sin(proj)], dim=1)
+            if z.device.type == "cuda":
+                onehot = torch.zeros(num_classes, z.shape[0], device=z.device, dtype=z.dtype)
+                onehot[y, torch.arange(z.shape[0], device=z.device)] = 1.0
+                sums = sums + onehot @ z
+            else:
+                sums = sums.index_add(0, y, z)
+    counts = torch.bincount(labels, minlength=num_classes).to(sums.dtype)
+    return sums, counts
 
 
 def characteristic_function(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
