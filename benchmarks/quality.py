@@ -27,7 +27,7 @@ MODES = {  # distill iterations, eval epochs, eval repeats
     "quick": {"distill.iterations": 60, "eval.epochs": 100, "eval.repeats": 1},
     "full": {"distill.iterations": 200, "eval.epochs": 300, "eval.repeats": 3},
 }
-POOL = {"quick": ["extractor.pool_size=2", "extractor.pool_epochs=2"],  # csdm-features: the fixed pool
+POOL = {"quick": ["extractor.pool_size=1", "extractor.pool_epochs=2"],  # csdm-features: the fixed pool
         "full": ["extractor.pool_size=4", "extractor.pool_epochs=5"]}
 
 
