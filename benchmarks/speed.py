@@ -102,7 +102,7 @@ def measure(device: str, steps: int, warmup: int, extra: list[str] | tuple[str, 
                     x = d.real_batch(s)[0]
                     start_peak()
                     t0 = clock()
-                    d.features(x, None, None, 0, s, chunk=d.cfg.distill.real_chunk)  # forward as the step runs it
+                    d.embed(x, None, None, 0, s, chunk=d.cfg.distill.real_chunk)  # forward as the step runs it
                     floor_s.append(clock() - t0)
                     del x
                 floor_peak = {k: max(v, floor_peak.get(k, 0.0)) for k, v in peak().items()}

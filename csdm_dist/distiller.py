@@ -91,7 +91,7 @@ class Distiller:
         idx = keep.nonzero().squeeze(1)  # host sync: the batch size is data dependent
         return self.norm(r.images[idx]), r.labels[idx], r.ids[idx]
 
-    def features(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int, chunk: int | None = None) -> Tensor:
+    def embed(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int, chunk: int | None = None) -> Tensor:
         """Augmented, embedded features; `chunk` splits the forward (real side, no grad) to bound memory."""
         if op is not None:
             x = augment(x, op, rng.sample_uniforms(ids, self.cfg.seed, step, stream, NUM_UNIFORMS))
@@ -120,7 +120,7 @@ class Distiller:
             with t("real_features"):
                 if self.real.features is None:
                     x, y, ids = self.real_batch(step)
-                    z = self.features(x, ids, op, rng.REAL_AUG, step, cfg.distill.real_chunk)
+                    z = self.embed(x, ids, op, rng.REAL_AUG, step, cfg.distill.real_chunk)
                 else:  # every real feature of this rank, at this step's extractor and view: exact full-data stats
                     f = self.real.features
                     view = int(torch.randint(f.feats.shape[1], (1,), generator=g)) if f.feats.shape[1] > 1 else 0
@@ -132,7 +132,7 @@ class Distiller:
                 real = (packed[:, :-1], packed[:, -1])
 
         with t("syn_forward"):
-            zs = self.features(self.engine().float(), self.syn.ids, op, rng.SYN_AUG, step)
+            zs = self.embed(self.engine().float(), self.syn.ids, op, rng.SYN_AUG, step)
             s_sums, s_n = S.class_statistics(zs, self.syn.labels, self.num_classes, freqs)
         with t("all_reduce"):
             syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))

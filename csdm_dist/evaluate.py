@@ -100,7 +100,8 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
                 x = augment(x, op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
             if cfg.protocol == "ncfm" and float(torch.rand((), generator=g)) < 0.5:
                 x, ya, yb, lam = _cutmix(x, y, g)
-                loss = lam * F.cross_entropy(net(x), ya) + (1 - lam) * F.cross_entropy(net(x), yb)
+                logits = net(x)
+                loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
             else:
                 loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ JOB = TINY + ["cluster=slurm", "cluster.partition=debug", "cluster.nodes=2", "cl
               "cluster.time_min=10", "cluster.max_requeues=3", f"distill.iterations={ITERATIONS}",
               "distill.checkpoint_every=2"]
 RUN = Path("fashion_mnist_lt") / "csdm-ipc2-if10-seed0"
+FAILED_GRACE_S = 5
 FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -43,12 +44,20 @@ def wait_until(cluster, job_id: str, run: Path, done, what: str, timeout: float 
     """Poll until done(); fail with the job's logs if the job ends badly or time runs out. SLURM holds a requeued
     batch job back for about two minutes (Reason=BeginTime); the test lets it start at once."""
     deadline = time.monotonic() + timeout
+    failed_since = None
     while time.monotonic() < deadline:
         if done():
             return
         info = cluster.job(job_id)
+        # a job that requeues itself can show FAILED for a moment (its batch step ends before the requeue is
+        # processed): only a state that stays failed for FAILED_GRACE_S seconds ends the wait
         if info.get("JobState") in FAILED:
-            pytest.fail(f"job {job_id} ended {info.get('JobState')} while waiting for {what}\n{logs(run, job_id)}")
+            failed_since = failed_since or time.monotonic()
+            if time.monotonic() - failed_since > FAILED_GRACE_S:
+                pytest.fail(f"job {job_id} ended {info.get('JobState')} while waiting for {what}\n"
+                            f"{logs(run, job_id)}\n{cluster.logs()}")
+        else:
+            failed_since = None
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(0.05)

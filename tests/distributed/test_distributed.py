@@ -16,7 +16,7 @@ Fashion-MNIST-LT (118 train images, IF 10) built once per module into several We
 Each launch has a timeout (a hang fails the test), its own free port, OMP_NUM_THREADS=1, and its console output in
 a log file under the test's tmp_path whose tail goes into assertion messages.
 
-Run: .venv/bin/python -m pytest tests/dist -q     (about 2-3 minutes on 2 CPU cores)
+Run: .venv/bin/python -m pytest tests/distributed -q     (about 2-3 minutes on 2 CPU cores)
 """
 from __future__ import annotations
 
