@@ -146,3 +146,13 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def devices_for(device: str, script: str) -> list[str]:
+    """`--device auto|cpu|cuda` -> the devices to measure; cuda without CUDA stops the script with a clear message."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script} --device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu or --device auto")
+    return {"auto": ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]}.get(device, [device])

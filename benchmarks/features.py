@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PHASES, OtherLoad, build_distiller, class_counts, compose, cores_available, machine_info,
+from common import (PHASES, devices_for, OtherLoad, build_distiller, class_counts, compose, cores_available, machine_info,
                     wait_idle)
 from speed import setting as speed_setting
 
@@ -547,16 +547,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("features.py --device cuda: CUDA is not available here (torch.cuda.is_available() is "
-                         "False); use --device cpu or --device auto")
+    devices = devices_for(args.device, "features.py")
     if args.worker is not None:
         r = JOBS[args.worker](args.device, json.loads(args.worker_spec))
         args.worker_out.write_text(json.dumps(r))
         return
-    devices = {"auto": ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]}.get(args.device, [args.device])
     t_start = time.perf_counter()
     per_device = []
     for dev in devices:

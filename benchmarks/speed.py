@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PHASES, OtherLoad, build_distiller, class_counts, compose, machine_info, wait_idle
+from common import PHASES, OtherLoad, devices_for, build_distiller, class_counts, compose, machine_info, wait_idle
 
 TARGET = {"cpu": 1.5, "cuda": 1.25}  # the aim for step / floor
 DEFAULT_STEPS = {"cpu": (2, 5), "cuda": (5, 20)}  # (warm-up, measured)
@@ -186,12 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import subprocess
 
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("speed.py --device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
-                         "use --device cpu or --device auto")
-    devices = {"auto": ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]}.get(args.device, [args.device])
+    devices = devices_for(args.device, "speed.py")
     results = []
     for dev in devices:
         warmup, steps = (DEFAULT_STEPS[dev][0] if args.warmup is None else args.warmup,
