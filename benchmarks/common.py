@@ -7,6 +7,7 @@ and builds the Distiller. Speed does not depend on pixel values, so the timings 
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -156,3 +157,11 @@ def devices_for(device: str, script: str) -> list[str]:
         raise SystemExit(f"{script} --device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
                          "use --device cpu or --device auto")
     return {"auto": ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]}.get(device, [device])
+
+
+def write_report(path: Path | None, payload: dict) -> None:
+    """The benchmark's JSON report at `path` (parents created), when one was asked for."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {path}")

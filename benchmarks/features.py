@@ -16,9 +16,7 @@ Per configuration: warm-up steps, a pass with the PhaseTimer off (step time), th
 Case B, an ImageNet-LT-sized feature set: 1000 classes, 115,846 random fp16 features of d = 512 and 2048 dims,
 M = 4096 and 1024. Timed directly, not as a Distiller step (the synthetic side at ImageNet scale is another
 matter): the real side of a features step, `Extractor.finish` (fp16 -> fp32, L2 normalisation) then
-`spectral.class_statistics` over all features at fresh gaussian frequencies (drawn before the clock). Beside
-it, a sketch that is not the library: the same statistics in row chunks with `index_add_` instead of the
-one-hot matrix product (checked against the library's result). The images source at ImageNet-LT's setting is
+`spectral.class_statistics` over all features at fresh gaussian frequencies (drawn before the clock). The images source at ImageNet-LT's setting is
 not run: its cost is estimated from a measured per-image forward at 64 px (extractor.embed under no_grad on
 normalised random images: ConvNet depth 4 width 128, d = 2048; ResNet-18, d = 512), without augmentation.
 
@@ -45,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PHASES, devices_for, OtherLoad, build_distiller, class_counts, compose, cores_available, machine_info,
+from common import (PHASES, devices_for, write_report, OtherLoad, build_distiller, class_counts, compose, cores_available, machine_info,
                     wait_idle)
 from speed import setting as speed_setting
 
@@ -102,16 +100,21 @@ def per_class_for(counts: list[int], batch: float) -> int | None:
     return next(r for r in range(1, max(counts) + 1) if batch_at(counts, r) >= batch)
 
 
-def memory_features(n: int, d: int, m: int, c: int, k: int = 1, a: int = 1, chunk: int = 16384) -> dict:
+STATS_CHUNK = 16384  # rows per chunk: the default `chunk` of spectral.class_statistics
+
+
+def statistics_bytes(n: int, m: int, c: int, chunk: int = STATS_CHUNK) -> int:
+    """Peak intermediates of spectral.class_statistics over n rows: one chunk's projection, cos/sin and their
+    [rows, 2M] concatenation (fp32), plus the [C, 2M] sums."""
+    return min(n, chunk) * 4 * m * 4 + c * 2 * m * 4
+
+
+def memory_features(n: int, d: int, m: int, c: int, k: int = 1, a: int = 1) -> dict:
     """Bytes of the features source on one rank holding n features: store and statistics intermediates."""
     return {
         "feature_store_fp16": n * k * a * d * 2,
         "finished_features_fp32": n * d * 4,  # Extractor.finish: [N, d] fp32
-        "cos_sin_fp32": n * 2 * m * 4,  # the [N, 2M] concatenation
-        "projection_cos_sin_temporaries_fp32": n * 3 * m * 4,  # proj, cos, sin [N, M] each, alive during the cat
-        "onehot_fp32": c * n * 4,
-        "statistics_peak": n * 4 * (d + 5 * m) + c * n * 4,  # all of the above at once, but the store
-        "chunked_sketch_peak": n * d * 4 + min(n, chunk) * 3 * m * 4 + c * 2 * m * 4,
+        "statistics_peak": statistics_bytes(n, m, c),
     }
 
 
@@ -123,7 +126,7 @@ def memory_images(n: int, batch: int, chunk: int, channels: int, size: int, widt
         "batch_fp32": batch * channels * size * size * 4,
         # first conv block: the conv output and the norm output, [chunk, width, H, W] fp32 each
         "activations_per_chunk_fp32": 2 * min(batch, chunk) * width * size * size * 4,
-        "batch_statistics_peak": batch * 4 * (d + 5 * m) + c * batch * 4,
+        "batch_statistics_peak": statistics_bytes(batch, m, c),
     }
 
 
@@ -267,23 +270,8 @@ def job_b_forward(device: str, spec: dict) -> dict:
             "forward_ms_per_image": 1000 * med / b, "peak_memory": peaks, "other_processes_cores": load.cores}
 
 
-def chunked_statistics(z, labels, num_classes: int, freqs, chunk: int):
-    """Sketch (not the library): class_statistics in row chunks, summed per class with index_add_."""
-    import torch
-
-    m = freqs.shape[0]
-    sums = torch.zeros(num_classes, 2 * m, device=z.device, dtype=torch.float32)
-    ft = freqs.float().t()
-    for i in range(0, z.shape[0], chunk):
-        proj = z[i:i + chunk].float() @ ft
-        y = labels[i:i + chunk]
-        sums[:, :m].index_add_(0, y, torch.cos(proj))
-        sums[:, m:].index_add_(0, y, torch.sin(proj))
-    return sums, torch.bincount(labels, minlength=num_classes).float()
-
-
 def job_b_stats(device: str, spec: dict) -> dict:
-    """Case B: the features source's real side over an ImageNet-LT-sized set, library and chunked sketch."""
+    """Case B: the features source's real side over an ImageNet-LT-sized set."""
     import resource
 
     import torch
@@ -318,26 +306,11 @@ def job_b_stats(device: str, spec: dict) -> dict:
                 for _ in range(max(1, warm)):  # kernels and allocator warm, on a slice on the CPU
                     zw = ex.finish(feats[0, 0, :warm_rows])
                     S.class_statistics(zw, labels[:warm_rows], c, f0)
-                    chunked_statistics(zw, labels[:warm_rows], c, f0, spec["chunk"])
                 del zw
                 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                # the sketch first: ru_maxrss cannot be reset, and its peak is the smaller one
-                sketch_s, sketch_ref = [], None
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
-                for rep in range(reps if spec["sketch"] else 0):
-                    fr = freqs_of(rep)
-                    t0 = clock()
-                    z = ex.finish(feats[0, 0])
-                    sums, cnt = chunked_statistics(z, labels, c, fr, spec["chunk"])
-                    sketch_s.append(clock() - t0)
-                    if rep == 0:
-                        sketch_ref = sums
-                    del z, sums
-                sketch_peak = _peaks(dev) if spec["sketch"] else None
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                finish_s, stats_s, max_err = [], [], None
+                finish_s, stats_s = [], []
                 for rep in range(reps):
                     fr = freqs_of(rep)
                     t0 = clock()
@@ -347,8 +320,6 @@ def job_b_stats(device: str, spec: dict) -> dict:
                     t2 = clock()
                     finish_s.append(t1 - t0)
                     stats_s.append(t2 - t1)
-                    if rep == 0 and sketch_ref is not None:
-                        max_err = float((sums - sketch_ref).abs().max() / sums.abs().max())
                     del z, sums
                 lib_peak = _peaks(dev, rss0)
     finally:
@@ -360,10 +331,8 @@ def job_b_stats(device: str, spec: dict) -> dict:
             "finish_s": fin, "class_statistics_s": st, "real_side_s": fin + st,
             "real_side_us_per_feature": 1e6 * (fin + st) / n, "finish_s_all": finish_s,
             "class_statistics_s_all": stats_s,
-            "sketch_chunk": spec["chunk"], "sketch_s": statistics.median(sketch_s) if sketch_s else None,
-            "sketch_s_all": sketch_s, "sketch_max_rel_diff": max_err,
-            "peak_memory": lib_peak, "sketch_peak_memory": sketch_peak,
-            "memory_bytes": memory_features(n, dim, m, c, chunk=spec["chunk"]), "other_processes_cores": load.cores}
+            "peak_memory": lib_peak, "memory_bytes": memory_features(n, dim, m, c),
+            "other_processes_cores": load.cores}
 
 
 JOBS = {"a_step": job_a_step, "b_forward": job_b_forward, "b_stats": job_b_stats}
@@ -385,8 +354,7 @@ def plan(device: str, args) -> list[tuple[str, dict]]:
     if "B" in args.cases:
         jobs += [("b_forward", {"arch": arch, "batch": FORWARD_BATCH[device][arch], "warmup": 1, "reps": max(2, rb)})
                  for arch in ("convnet", "resnet18")]
-        jobs += [("b_stats", {"dim": dim, "num_freqs": m, "warmup": wb, "reps": rb, "chunk": args.chunk,
-                              "sketch": not args.no_sketch})
+        jobs += [("b_stats", {"dim": dim, "num_freqs": m, "warmup": wb, "reps": rb})
                  for m in args.freqs for dim in args.dims]
     return jobs
 
@@ -436,12 +404,7 @@ def summarise(device: str, results: list[dict]) -> dict:
             "num_features": r["num_features"], "c_feat_us": c_feat, "c_img_us_estimate": c_img,
             "batch_star": b_star, "real_per_class_star": per_class_for(lt, b_star),
             "features_real_side_s": r["real_side_s"],
-            "images_64_batch": b64, "images_64_real_side_s_estimate": b64 * c_img / 1e6,
-            "sketch_real_side_s": r["sketch_s"],
-            # the same with the sketch's statistics on both sides (its cost includes finish)
-            "batch_star_with_sketch": (1e6 * r["sketch_s"] / (1000 * f["forward_ms_per_image"]
-                                                              + 1e6 * r["sketch_s"] / r["num_features"])
-                                       if r["sketch_s"] else None)})
+            "images_64_batch": b64, "images_64_real_side_s_estimate": b64 * c_img / 1e6})
         key = f"B-d{r['feature_dim']}-M{r['num_freqs']}"
         mem = dict(r["memory_bytes"])
         mem.update(memory_images(r["num_features"], b64, cfg.distill.real_chunk, 3, 64, 128, r["feature_dim"],
@@ -482,17 +445,11 @@ def report(device: str, results: list[dict], summary: dict) -> None:
     st = [r for r in results if r["name"].startswith("stats-")]
     if st:
         print(f"\n### Case B on {device}: features-source real side, 115,846 features, 1000 classes; medians")
-        print("| d | M | finish (s) | class_statistics (s) | per feature (us) | chunked index_add sketch (s) | "
-              "sketch rel. diff | host peak RSS lib / sketch (GB) | [N, 2M] fp32 (GB) | intermediates peak (GB) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| d | M | finish (s) | class_statistics (s) | per feature (us) | host peak RSS (GB) | "
+              "statistics intermediates (GB) |\n|---|---|---|---|---|---|---|")
         for r in st:
-            mb = r["memory_bytes"]
-            sk = "-" if r["sketch_s"] is None else f"{r['sketch_s']:.2f}"
-            err = "-" if r["sketch_max_rel_diff"] is None else f"{r['sketch_max_rel_diff']:.1e}"
             print(f"| {r['feature_dim']} | {r['num_freqs']} | {r['finish_s']:.2f} | {r['class_statistics_s']:.2f} | "
-                  f"{r['real_side_us_per_feature']:.0f} | {sk} | {err} | {peak(r)} / "
-                  f"{peak(r, 'sketch_peak_memory') if r['sketch_peak_memory'] else '-'} | "
-                  f"{gb(mb['cos_sin_fp32'])} | {gb(mb['statistics_peak'])} |")
+                  f"{r['real_side_us_per_feature']:.0f} | {peak(r)} | {gb(r['memory_bytes']['statistics_peak'])} |")
     if summary["crossovers"]:
         print(f"\n### Crossover on {device}: B* = N c_feat / c_img (featurising B* images costs the statistics "
               "over all N features)")
@@ -510,16 +467,11 @@ def report(device: str, results: list[dict], summary: dict) -> None:
                       f"{x['c_feat_us']:.0f} | {x['c_img_us_estimate']:.0f} (est.) | {x['batch_star']:.0f} | {rpc} | "
                       f"{x['features_real_side_s']:.1f} s | {x['images_64_real_side_s_estimate']:.1f} s est. "
                       f"(rpc 64: {x['images_64_batch']} images) |")
-        for x in summary["crossovers"]:
-            if x["case"] == "B" and x["batch_star_with_sketch"] is not None:
-                print(f"- B d {x['feature_dim']} M {x['num_freqs']}: with the chunked index_add sketch's "
-                      f"statistics on both sides, the features real side is {x['sketch_real_side_s']:.1f} s and "
-                      f"B* = {x['batch_star_with_sketch']:.0f} images")
     mem = summary["memory_per_rank_bytes"]
     if mem:
         print("\n### Memory per rank (analytic, world of one, GB)")
-        keys = ["feature_store_fp16", "finished_features_fp32", "cos_sin_fp32", "onehot_fp32", "statistics_peak",
-                "chunked_sketch_peak", "image_store_uint8", "activations_per_chunk_fp32", "batch_statistics_peak"]
+        keys = ["feature_store_fp16", "finished_features_fp32", "statistics_peak", "image_store_uint8",
+                "activations_per_chunk_fp32", "batch_statistics_peak"]
         print("| setting | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
         for k, v in mem.items():
             print(f"| {k} | " + " | ".join(gb(v.get(x)) for x in keys) + " |")
@@ -535,8 +487,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="case B repetitions (default 1 on CPU, 5 on CUDA)")
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048], help="case B feature dims")
     p.add_argument("--freqs", type=int, nargs="+", default=[4096, 1024], help="case B frequency counts M")
-    p.add_argument("--chunk", type=int, default=16384, help="rows per chunk of the chunked sketch")
-    p.add_argument("--no-sketch", action="store_true", help="skip the chunked index_add sketch")
     p.add_argument("--wait-idle", type=float, default=60, help="wait up to this many seconds for an idle CPU first")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     p.add_argument("--worker", choices=tuple(JOBS), default=None, help=argparse.SUPPRESS)
@@ -578,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
                        "class_counts": class_counts(compose(speed_setting("cpu")))},
             "case_b": {**IMAGENET_LT, "dims": args.dims, "num_freqs": args.freqs, "kernel": "gaussian",
                        "labels": "imagenet_lt_like_counts(): 1280 .. 5 per class, sum 115,846 (not the split lists)",
-                       "batch_at_real_per_class_64": batch_at(lt, 64), "sketch_chunk": args.chunk,
+                       "batch_at_real_per_class_64": batch_at(lt, 64),
                        "forward_batch": FORWARD_BATCH},
         },
         "notes": [
@@ -587,14 +537,10 @@ def main(argv: list[str] | None = None) -> None:
             "case B images source is an estimate: forward per image (no augmentation) + statistics per feature",
             "crossover B* = N c_feat / c_img; larger real batches make the features source cheaper",
             "memory: analytic bytes per rank (world of one); host peak RSS is per job (own process, ru_maxrss)",
-            "sketch = chunked statistics with index_add_, written in this benchmark, not the library",
         ],
         "devices": per_device,
     }
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1))
-        print(f"wrote {args.out}")
+    write_report(args.out, payload)
 
 
 if __name__ == "__main__":

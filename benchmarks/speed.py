@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PHASES, OtherLoad, devices_for, build_distiller, class_counts, compose, machine_info, wait_idle
+from common import PHASES, OtherLoad, devices_for, write_report, build_distiller, class_counts, compose, machine_info, wait_idle
 
 TARGET = {"cpu": 1.5, "cuda": 1.25}  # the aim for step / floor
 DEFAULT_STEPS = {"cpu": (2, 5), "cuda": (5, 20)}  # (warm-up, measured)
@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         args.worker_out.write_text(json.dumps(payload))
         return
     report(results, cfg, expected)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1))
-        print(f"wrote {args.out}")
+    write_report(args.out, payload)
 
 
 if __name__ == "__main__":
