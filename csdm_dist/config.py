@@ -63,12 +63,19 @@ class DataConfig:
 class KernelConfig:
     name: str = "gaussian"  # one of KERNELS; `linear` matches feature means (DM)
     bandwidth: float = 1.0  # s in the kernel; frequencies scale as 1/s
+    # None: every class uses `bandwidth`. Set: class c's bandwidth is log-linear in its real count n_c, from
+    # bandwidth_tail (smallest class) to `bandwidth` (largest class)
+    bandwidth_tail: Optional[float] = None
     nu: float = 1.5  # matern smoothness; 2*nu must be a positive integer (Student-t dof)
     num_freqs: int = 4096  # M, frequencies drawn fresh every step
 
     def __post_init__(self) -> None:
         _check(self.name in KERNELS, "method.kernel.name", f"unknown kernel {self.name!r}; choose from {KERNELS}")
         _check(self.bandwidth > 0, "method.kernel.bandwidth", f"must be > 0, got {self.bandwidth}")
+        _check(self.bandwidth_tail is None or self.bandwidth_tail > 0, "method.kernel.bandwidth_tail",
+               f"must be > 0 (or null: one bandwidth for every class), got {self.bandwidth_tail}")
+        _check(self.bandwidth_tail is None or self.name != "linear", "method.kernel.bandwidth_tail",
+               "the linear kernel has no bandwidth; set it to null")
         _check(self.nu > 0 and float(2 * self.nu).is_integer(), "method.kernel.nu",
                f"2*nu must be a positive integer (0.5, 1.5, 2.5, ...), got {self.nu}")
         _check(self.num_freqs >= 1, "method.kernel.num_freqs", f"must be >= 1, got {self.num_freqs}")

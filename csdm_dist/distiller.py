@@ -67,7 +67,10 @@ class Distiller:
         self.num_classes = d.num_classes
         self.extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device,
                                    normalize=cfg.method.normalize_features)
-        self.kernel = cfg.method.kernel
+        self.kernel = k = cfg.method.kernel
+        # per-class bandwidth s_c: frequencies are drawn at bandwidth s_head and class c's scaled by s_head / s_c
+        self.freq_scale = None if k.bandwidth_tail is None else \
+            (k.bandwidth / S.loglinear_in_counts(real.counts, k.bandwidth, k.bandwidth_tail)).to(rt.device)
         self.alpha = S.alpha_schedule(real.counts, cfg.method.weighting.alpha_head, cfg.method.weighting.alpha_tail,
                                       cfg.method.weighting.schedule).to(rt.device)
         # expected real images per class per step: each image is kept with probability p_c
@@ -126,14 +129,15 @@ class Distiller:
                     view = int(torch.randint(f.feats.shape[1], (1,), generator=g)) if f.feats.shape[1] > 1 else 0
                     z, y = self.extractor.finish(f.feats[member, view]), f.labels
             with t("real_statistics"):
-                sums, n = S.class_statistics(z, y, self.num_classes, freqs)
+                sums, n = S.class_statistics(z, y, self.num_classes, freqs, freq_scale=self.freq_scale)
             with t("all_reduce"):
                 packed = all_reduce_sum(torch.cat([sums, n.unsqueeze(1)], 1), group)
                 real = (packed[:, :-1], packed[:, -1])
 
         with t("syn_forward"):
             zs = self.embed(self.engine().float(), self.syn.ids, op, rng.SYN_AUG, step)
-            s_sums, s_n = S.class_statistics(zs, self.syn.labels, self.num_classes, freqs)
+            s_sums, s_n = S.class_statistics(zs, self.syn.labels, self.num_classes, freqs,
+                                             freq_scale=self.freq_scale)
         with t("all_reduce"):
             syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
         with t("syn_backward"):

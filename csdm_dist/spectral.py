@@ -84,10 +84,12 @@ def gaussian_mmd2(x: Tensor, y: Tensor, bandwidth: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 def class_statistics(features: Tensor, labels: Tensor, num_classes: int, freqs: Tensor | None,
-                     chunk: int = 16384) -> tuple[Tensor, Tensor]:
+                     chunk: int = 16384, freq_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-class sums [C, F] and counts [C] of a sample set, for all classes at once.
 
     `freqs` [M, d] gives F = 2M (sum cos(t.z), then sum sin(t.z)); `freqs=None` is the linear kernel, F = d.
+    `freq_scale` [C] (optional) gives class c the frequencies freq_scale[c] * t: a per-class bandwidth
+    s_c = s / freq_scale[c], at the cost of one multiply (the projection is still one matrix product).
     Computed in fp32 (fp64 if the features are fp64), whatever the features' dtype (bf16 under autocast), over
     `chunk` samples at a time so the [n, 2M] cos/sin block stays small whatever the set's size. Per-class sums
     use index_add on the CPU and a one-hot product on CUDA (index_add there adds in no fixed order: results would
@@ -101,6 +103,8 @@ def class_statistics(features: Tensor, labels: Tensor, num_classes: int, freqs: 
             z, y = z_all[i:i + chunk], labels[i:i + chunk]
             if freqs is not None:
                 proj = z @ freqs.to(z.dtype).t()
+                if freq_scale is not None:
+                    proj = proj * freq_scale.to(proj.dtype)[y].unsqueeze(1)
                 z = torch.cat([torch.cos(proj), torch.sin(proj)], dim=1)
             if z.device.type == "cuda":
                 onehot = torch.zeros(num_classes, z.shape[0], device=z.device, dtype=z.dtype)
@@ -147,15 +151,20 @@ def alpha_schedule(counts: Tensor, alpha_head: float, alpha_tail: float, schedul
     `loglinear`: alpha_tail at the smallest class count, alpha_head at the largest, linear in log n_c between.
     `constant`: alpha_head for every class. Both stay strictly inside (0, 1) when the end points do.
     """
-    counts = counts.float()
     if schedule == "constant":
-        return torch.full_like(counts, alpha_head)
+        return torch.full_like(counts.float(), alpha_head)
     if schedule != "loglinear":
         raise ValueError(f"unknown alpha schedule {schedule!r}")
-    log_n = torch.log(counts.clamp_min(1))
+    return loglinear_in_counts(counts, alpha_head, alpha_tail)
+
+
+def loglinear_in_counts(counts: Tensor, at_head: float, at_tail: float) -> Tensor:
+    """Per class [C]: `at_tail` at the smallest count, `at_head` at the largest, linear in log n_c between
+    (`at_head` for every class when all counts are equal)."""
+    log_n = torch.log(counts.float().clamp_min(1))
     lo, hi = log_n.min(), log_n.max()
     frac = torch.where(hi > lo, (log_n - lo) / (hi - lo).clamp_min(EPS), torch.ones_like(log_n))
-    return alpha_tail + frac * (alpha_head - alpha_tail)
+    return at_tail + frac * (at_head - at_tail)
 
 
 # ---------------------------------------------------------------------------------------------------------------

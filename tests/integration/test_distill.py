@@ -93,6 +93,7 @@ def test_pool_extractor_pretrain_then_distil(data_overrides, tmp_path):
 @pytest.mark.parametrize("override,key", [("method.kernel.name=rbf", "method.kernel.name"),
                                           ("method.weighting.alpha_head=1.0", "method.weighting.alpha_head"),
                                           ("method.weighting.alpha_tail=0", "method.weighting.alpha_tail"),
+                                          ("method.kernel.bandwidth_tail=0", "method.kernel.bandwidth_tail"),
                                           ("ipc=0", "ipc"),
                                           ("extractor.mode=pool", "extractor.pool_path")])
 def test_invalid_config_names_the_key(override, key):

@@ -130,3 +130,29 @@ def test_missing_class_contributes_nothing_and_gradient_is_finite():
                           torch.full((3,), 0.5), form="sqrt")
     out["loss"].backward()
     assert math.isfinite(out["loss"].item()) and torch.isfinite(zs.grad).all()
+
+
+def test_per_class_bandwidth_equals_each_class_with_its_own_frequencies():
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.arange(40) % 3
+    t = S.sample_frequencies("gaussian", 16, 6, 1.0, g).double()
+    counts = torch.tensor([1000, 100, 10])
+    s_c = S.loglinear_in_counts(counts, at_head=0.5, at_tail=2.0)
+    assert torch.allclose(s_c.double(), torch.tensor([0.5, 1.25, 2.0], dtype=torch.float64))
+    sums, n = S.class_statistics(z, y, 3, t, freq_scale=0.5 / s_c)
+    for c in range(3):  # class c alone, with the frequencies of bandwidth s_c
+        alone, _ = S.class_statistics(z[y == c], torch.zeros_like(y[y == c]), 1, t * 0.5 / s_c[c].item())
+        assert torch.allclose(sums[c], alone[0])
+    assert n.tolist() == [14, 13, 13]
+
+
+def test_sdd_with_a_class_bandwidth_matches_that_bandwidths_mmd2():
+    g = torch.Generator().manual_seed(4)
+    x, z = torch.randn(30, 3, generator=g), torch.randn(20, 3, generator=g) + 0.7
+    feats, labels = torch.cat([x, z]), torch.cat([torch.zeros(30), torch.ones(20)]).long()
+    t = S.sample_frequencies("gaussian", 200_000, 3, 1.0, g)
+    scale = torch.tensor([1 / 2.0, 1 / 2.0])  # both sides of "class" 0 vs 1 at bandwidth 2
+    sums, n = S.class_statistics(feats, labels, 2, t, freq_scale=scale)
+    p_re, p_im = S.characteristic_function(sums[:1], n[:1])
+    q_re, q_im = S.characteristic_function(sums[1:], n[1:])
+    assert abs(S.sdd(p_re, p_im, q_re, q_im).item() - S.gaussian_mmd2(x, z, 2.0).item()) < 3e-3
