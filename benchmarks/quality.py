@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("random", "dm", "ncfm", "csdm", "csdm-features")
@@ -65,11 +68,10 @@ def main(argv=None) -> dict:
     mode = "quick" if args.quick else "full"
     out = args.out_dir or ROOT / "runs" / f"quality-{mode}"
     out.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
     data = [f"dataset=fashion_mnist_lt", f"dataset.raw_root={args.raw_root}", f"dataset.data_root={args.data_root}"]
     rows, reused, t_start = [], 0, time.perf_counter()
     for imb in args.ifs:
-        run([py, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"], out / f"build-if{imb:g}.log")
+        run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"], out / f"build-if{imb:g}.log")
         for method in args.methods:
             seeds = []
             for seed in args.seeds:
@@ -79,7 +81,7 @@ def main(argv=None) -> dict:
                     print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} seed {seed}: reusing {run_dir}")
                 else:
                     print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} seed {seed} ...", flush=True)
-                    distil(py, data, imb, method, seed, args, mode, run_dir, extra, out)
+                    distil(data, imb, method, seed, args, mode, run_dir, extra, out)
                 res = json.loads((run_dir / "results.json").read_text())
                 acc = res["accuracy"]
                 seeds.append({"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"],
@@ -90,16 +92,17 @@ def main(argv=None) -> dict:
     report = {"mode": mode, "settings": MODES[mode], "extra_overrides": extra, "ipc": args.ipc, "seeds": args.seeds,
               "protocol": "dm", "rows": rows, "total_s": time.perf_counter() - t_start,
               "reused_runs": reused}  # total_s excludes the reused runs: their times are in rows[*].seeds
-    (out / "quality.json").write_text(json.dumps(report, indent=1))
-    (out / "quality.md").write_text(table + "\n")
     print(table)
-    print(f"\nwrote {out / 'quality.md'} and {out / 'quality.json'} in {report['total_s']:.0f} s")
+    (out / "quality.md").write_text(table + "\n")
+    print(f"\nwrote {out / 'quality.md'} in {report['total_s']:.0f} s")
+    write_report(out / "quality.json", report)
     return report
 
 
-def distil(py: str, data: list[str], imb: float, method: str, seed: int, args, mode: str, run_dir: Path,
-           extra: list[str], out: Path) -> None:
+def distil(data: list[str], imb: float, method: str, seed: int, args, mode: str, run_dir: Path, extra: list[str],
+           out: Path) -> None:
     """One distillation + evaluation of `method` at imbalance factor `imb` into run_dir."""
+    py = sys.executable
     common = [*data, f"dataset.imbalance_factor={imb:g}", f"seed={seed}", f"device={args.device}"]
     source = []
     if method == "csdm-features":
@@ -121,8 +124,8 @@ def aggregate(seeds: list[dict]) -> dict:
     """One cell from its per-seed results: means over seeds; the std is over the seeds' means when there are
     several seeds, else the evaluation repeats' std of the one seed."""
     n = len(seeds)
-    mean = {k: sum(s[k] for s in seeds) / n for k in ("mean", "many", "medium", "few", "distill_s", "eval_s")}
-    std = (sum((s["mean"] - mean["mean"]) ** 2 for s in seeds) / (n - 1)) ** 0.5 if n > 1 else seeds[0]["std"]
+    mean = {k: statistics.fmean(s[k] for s in seeds) for k in ("mean", "many", "medium", "few", "distill_s", "eval_s")}
+    std = statistics.stdev(s["mean"] for s in seeds) if n > 1 else seeds[0]["std"]
     return {**mean, "std": std, "std_over": "seeds" if n > 1 else "evaluation repeats", "num_seeds": n}
 
 
@@ -138,15 +141,15 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
         lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | {r['mean']:.2f} +- {r['std']:.2f} | "
                      f"{r['many']:.2f} | {r['medium']:.2f} | {r['few']:.2f} | {r['distill_s']:.0f} |")
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    ifs = list(dict.fromkeys(r["imbalance_factor"] for r in rows))
     cell = {(r["imbalance_factor"], r["method"]): r for r in rows}
     lines += ["", "Overall accuracy:", "", "| IF | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for imb in dict.fromkeys(r["imbalance_factor"] for r in rows):
+    for imb in ifs:
         lines.append(f"| {imb:g} | " + " | ".join(f"{cell[imb, m]['mean']:.2f} +- {cell[imb, m]['std']:.2f}"
                                                    for m in methods) + " |")
     if "csdm" in methods and len(methods) > 1:
         lines += ["", "CSDM against the best other method per IF (overall accuracy, points):", ""]
-        for imb in dict.fromkeys(r["imbalance_factor"] for r in rows):
-            lines.append(f"- IF {imb:g}: {margin(cell, imb, methods)}")
+        lines += [f"- IF {imb:g}: {margin(cell, imb, methods)}" for imb in ifs]
     return "\n".join(lines)
 
 

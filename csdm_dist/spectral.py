@@ -103,8 +103,8 @@ def class_statistics(features: Tensor, labels: Tensor, num_classes: int, freqs: 
             z, y = z_all[i:i + chunk], labels[i:i + chunk]
             if freqs is not None:
                 proj = z @ freqs.to(z.dtype).t()
-                if freq_scale is not None:
-                    proj = proj * freq_scale.to(proj.dtype)[y].unsqueeze(1)
+                if freq_scale is not None:  # in place: the matmul's backward needs its inputs, not proj
+                    proj.mul_(freq_scale.to(proj.dtype)[y].unsqueeze(1))
                 z = torch.cat([torch.cos(proj), torch.sin(proj)], dim=1)
             if z.device.type == "cuda":
                 onehot = torch.zeros(num_classes, z.shape[0], device=z.device, dtype=z.dtype)
