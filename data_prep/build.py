@@ -1,10 +1,13 @@
-"""Build a long-tailed dataset as WebDataset shards plus manifest.json (atomic, idempotent).
+"""Build a long-tailed dataset as WebDataset shards plus manifest.json (atomic, idempotent, verified on reuse).
 
 Usage: python -m data_prep.build dataset=cifar10_lt dataset.raw_root=/path/to/raw [force=true]
+
+Splits: `train` (the long-tailed subset), `test` (balanced, the official test set) and, with
+dataset.val_per_class > 0, `val` (balanced, from the raw training images the subset did not take). With
+dataset.class_order, raw class class_order[k] becomes label k in every split.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -12,77 +15,97 @@ import shutil
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from csdm_dist.config import DataConfig, register_configs
-from csdm_dist.data.longtail import index_hash, longtail_counts, select_longtail
-from csdm_dist.data.shards import MANIFEST, dataset_dir, shard_sizes, write_split
-from csdm_dist.data.sources import load_source
+from csdm_dist.data.longtail import index_hash, longtail_counts, relabel, select_longtail, select_val
+from csdm_dist.data.manifest import (FORMAT_VERSION, build_command, build_overrides, config_fields, config_hash,
+                                     ids_hash, read_manifest_file)
+from csdm_dist.data.shards import MANIFEST, dataset_dir, shard_sizes, verify_dataset, write_split
+from csdm_dist.data.sources import RawSplit, load_source
 
+__all__ = ["FORMAT_VERSION", "build_dataset", "config_hash"]
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the shard or manifest layout changes, so old builds are not mistaken for new ones
 
 
-def config_hash(cfg: DataConfig) -> str:
-    """sha256 of the fields that define the built data (not where it lives, nor the normalisation)."""
-    fields = {"format": FORMAT_VERSION, "name": cfg.name, "source": cfg.source, "num_classes": cfg.num_classes,
-              "channels": cfg.channels, "image_size": cfg.image_size, "seed": cfg.seed,
-              "samples_per_shard": cfg.samples_per_shard}
-    if cfg.source != "imagenet_lt":  # ImageNet-LT's subset comes from its lists, not the IF formula
-        fields.update(imbalance_factor=float(cfg.imbalance_factor), n_max=cfg.n_max)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+def _check_existing(target: Path, cfg: DataConfig, want: str, config_choice: str | None) -> None:
+    """An existing target must hold a build of this config whose shards are intact; else raise saying what to do."""
+    command = f"{build_command(cfg, config_choice)} force=true"
+    if not (target / MANIFEST).is_file():
+        raise FileExistsError(f"{target} exists but holds no {MANIFEST} (an incomplete build?); delete it or rerun "
+                              f"with force=true: `{command}`")
+    built = read_manifest_file(target / MANIFEST, f"rebuild with `{command}`").get("config_hash")
+    if built != want:
+        raise FileExistsError(f"{target} exists but was not built from this dataset config; delete it or rerun "
+                              f"with force=true: `{command}`")
+    shards = verify_dataset(target, cfg, config_choice)
+    log.info("already built: %s (%d shards verified)", target, shards)
 
 
-def _built_hash(target: Path) -> str | None:
-    path = target / MANIFEST
-    return json.loads(path.read_text()).get("config_hash") if path.is_file() else None
+def _subset(cfg: DataConfig, labels: np.ndarray) -> tuple[np.ndarray, list[int], int, float]:
+    """(indices of the long-tailed subset, per-class counts, n_max, imbalance factor) of the relabelled train split."""
+    raw_counts = np.bincount(labels, minlength=cfg.num_classes)
+    if cfg.source == "imagenet_lt":  # the list is the long-tailed subset
+        counts = raw_counts.tolist()
+        return np.arange(len(labels), dtype=np.int64), counts, max(counts), max(counts) / min(counts)
+    n_max = cfg.n_max or int(raw_counts.max())
+    counts = longtail_counts(n_max, cfg.num_classes, cfg.imbalance_factor)
+    return select_longtail(labels, counts, cfg.seed), counts, n_max, cfg.imbalance_factor
 
 
-def build_dataset(cfg: DataConfig, force: bool = False) -> Path:
-    """Write the long-tailed train split and the balanced test split of `cfg` under dataset_dir(cfg)."""
+def _write(out: Path, split: str, raw: RawSplit, labels: np.ndarray, idx: np.ndarray, cfg: DataConfig,
+           shuffle_seed: int) -> dict:
+    """Write raw.images[idx] with `labels[idx]` as ids 0..N-1; return the split's manifest entry."""
+    ids = np.arange(len(idx), dtype=np.int64)
+    shards = write_split(out, split, raw.images[idx], labels[idx], ids, cfg.samples_per_shard, shuffle_seed)
+    return {"counts": np.bincount(labels[idx], minlength=cfg.num_classes).tolist(), "num_samples": len(idx),
+            "shards": shards, "shard_sizes": shard_sizes(len(idx), cfg.samples_per_shard),
+            "ids_hash": ids_hash(ids, labels[idx])}
+
+
+def build_dataset(cfg: DataConfig, force: bool = False, config_choice: str | None = None) -> Path:
+    """Write the long-tailed train split, the balanced test split and (val_per_class > 0) the balanced val split of
+    `cfg` under dataset_dir(cfg). An existing build of the same config is verified and reused unless `force`.
+    config_choice: the dataset YAML's name, for the rebuild commands in messages (default cfg.name)."""
     target, want = dataset_dir(cfg), config_hash(cfg)
     if target.exists() and not force:
-        if _built_hash(target) == want:
-            log.info("already built: %s", target)
-            return target
-        raise FileExistsError(f"{target} exists but was not built from this dataset config (or is incomplete); "
-                              f"delete it or rerun with force=true")
+        _check_existing(target, cfg, want, config_choice)
+        return target
 
     train, test = load_source(cfg, "train"), load_source(cfg, "test")
-    raw_counts = np.bincount(train.labels, minlength=cfg.num_classes)
-    if cfg.source == "imagenet_lt":  # the list is the long-tailed subset
-        indices = np.arange(len(train.labels), dtype=np.int64)
-        counts = raw_counts.tolist()
-        n_max, imbalance = max(counts), max(counts) / min(counts)
-    else:
-        n_max, imbalance = cfg.n_max or int(raw_counts.max()), cfg.imbalance_factor
-        counts = longtail_counts(n_max, cfg.num_classes, imbalance)
-        indices = select_longtail(train.labels, counts, cfg.seed)
-    test_counts = np.bincount(test.labels, minlength=cfg.num_classes).tolist()
-    log.info("%s: %d train images (IF %.4g, n_max %d), %d test images", cfg.name, len(indices), imbalance, n_max,
-             len(test.labels))
-    for c, name in enumerate(train.class_names):
-        log.info("  class %4d %-24s train %6d (of %d raw)  test %6d", c, name, counts[c], raw_counts[c], test_counts[c])
+    order = cfg.class_permutation() or list(range(cfg.num_classes))
+    names = [train.class_names[r] for r in order]
+    train_labels, test_labels = relabel(train.labels, order), relabel(test.labels, order)
+    raw_counts = np.bincount(train_labels, minlength=cfg.num_classes)
+    indices, counts, n_max, imbalance = _subset(cfg, train_labels)
+    val_idx = (select_val(train_labels, indices, cfg.val_per_class, cfg.num_classes, cfg.seed, names)
+               if cfg.val_per_class > 0 else None)
+    test_counts = np.bincount(test_labels, minlength=cfg.num_classes).tolist()
+    log.info("%s: %d train images (IF %.4g, n_max %d), %d val, %d test images", cfg.name, len(indices), imbalance,
+             n_max, 0 if val_idx is None else len(val_idx), len(test_labels))
+    for c, name in enumerate(names):
+        log.info("  class %4d (raw %4d) %-24s train %6d (of %d raw)  val %5d  test %6d", c, order[c], name,
+                 counts[c], raw_counts[c], cfg.val_per_class, test_counts[c])
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
     old = target.parent / f"{target.name}.old-{os.getpid()}"
     try:
         tmp.mkdir()
-        splits = {}
-        jobs = (("train", train, indices, counts, cfg.seed),
-                ("test", test, np.arange(len(test.labels)), test_counts, cfg.seed + 1))
-        for split, raw, idx, per_class, seed in jobs:
-            ids = np.arange(len(idx), dtype=np.int64)
-            shards = write_split(tmp, split, raw.images[idx], raw.labels[idx], ids, cfg.samples_per_shard, seed)
-            splits[split] = {"counts": list(per_class), "num_samples": len(idx), "shards": shards,
-                             "shard_sizes": shard_sizes(len(idx), cfg.samples_per_shard)}
+        splits = {"train": _write(tmp, "train", train, train_labels, indices, cfg, cfg.seed),
+                  "test": _write(tmp, "test", test, test_labels, np.arange(len(test_labels)), cfg, cfg.seed + 1)}
         splits["train"]["index_hash"] = index_hash(indices)
+        if val_idx is not None:
+            splits["val"] = _write(tmp, "val", train, train_labels, val_idx, cfg, cfg.seed + 2)
+            splits["val"]["index_hash"] = index_hash(val_idx)
         manifest = {"name": cfg.name, "source": cfg.source, "image_size": cfg.image_size, "channels": cfg.channels,
                     "num_classes": cfg.num_classes, "imbalance_factor": imbalance, "n_max": n_max, "seed": cfg.seed,
-                    "samples_per_shard": cfg.samples_per_shard, "class_names": train.class_names, **splits,
-                    "config_hash": want, "format_version": FORMAT_VERSION}
+                    "samples_per_shard": cfg.samples_per_shard, "val_per_class": cfg.val_per_class,
+                    "class_names": names, "class_order": order, **splits, "config_hash": want,
+                    "config_fields": config_fields(cfg), "build_overrides": build_overrides(cfg, config_choice),
+                    "format_version": FORMAT_VERSION}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if target.exists():  # force: move the old build aside, put the new one in place, then delete the old one
             os.replace(target, old)
@@ -100,7 +123,7 @@ def build_dataset(cfg: DataConfig, force: bool = False) -> Path:
 def main(cfg: DictConfig) -> None:
     data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.dataset))
     assert isinstance(data_cfg, DataConfig)
-    build_dataset(data_cfg, force=cfg.force)
+    build_dataset(data_cfg, force=cfg.force, config_choice=HydraConfig.get().runtime.choices.get("dataset"))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from csdm_dist.augment import NUM_UNIFORMS, augment, pick_op
 from csdm_dist.config import Config, register_configs, to_config
 from csdm_dist.data.features import (FEATURES_MANIFEST, check_provenance, features_dir, load_features_manifest,
                                      provenance, write_features)
+from csdm_dist.data.manifest import MANIFEST, check_counts, rebuild_hint
 from csdm_dist.data.shards import dataset_dir, load_manifest, read_split
 from csdm_dist.dist import Runtime, close_distributed, init_distributed
 from csdm_dist.distiller import Normalizer
@@ -67,7 +68,7 @@ def extract(cfg: Config, rt: Runtime) -> Path:
         raise ValueError("feature extraction needs a fixed pool: extractor.mode=pool extractor.interpolate=false "
                          "extractor.pool_path=<pool from python -m csdm_dist.pretrain>")
     out = features_dir(cfg)
-    data_manifest = load_manifest(dataset_dir(d))
+    data_manifest = load_manifest(dataset_dir(d), d)
     extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device, normalize=False)
     want = provenance(cfg, data_manifest, extractor.pool_sha256)
     if (out / FEATURES_MANIFEST).is_file():
@@ -82,7 +83,11 @@ def extract(cfg: Config, rt: Runtime) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    real = read_split(dataset_dir(d), "train", rt.rank, rt.world_size)
+    real = read_split(dataset_dir(d), "train", rt.rank, rt.world_size, cfg=d)
+    counts = torch.bincount(real.labels, minlength=d.num_classes).to(rt.device)
+    dist.all_reduce(counts)  # every rank read other shards: together they read the whole split
+    check_counts(data_manifest["train"]["counts"], counts.cpu(), manifest_path=dataset_dir(d) / MANIFEST,
+                 rebuild=rebuild_hint(dataset_dir(d), d))
     norm = Normalizer.build(d.mean, d.std, rt.device)
     feats = featurise(extractor, real.images, real.ids, norm, cfg.features.views, cfg.seed, rt.device, rt.is_main)
     names, sizes = write_features(tmp, rt.rank, feats.astype(cfg.features.dtype), real.labels.numpy(),

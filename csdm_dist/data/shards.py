@@ -1,12 +1,12 @@
 """WebDataset shards of a long-tailed dataset: writing a split, reading a rank's share of it, the manifest.
 
-A built dataset folder holds `manifest.json` and `{split}-{i:06d}.tar` shards. Each sample has `__key__` = its
-9-digit global id, `png` (grey or RGB), `cls` and `id` (ascii ints). Rank r of S reads shards r, r+S, r+2S, ...
+A built dataset folder holds `manifest.json` (see manifest.py) and `{split}-{i:06d}.tar` shards. Each sample has
+`__key__` = its 9-digit global id, `png` (grey or RGB), `cls` and `id` (ascii ints). Rank r of S reads shards
+r, r+S, r+2S, ... A reader of a whole split checks its labels against the manifest's counts and ids_hash.
 """
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from dataclasses import dataclass
 from itertools import islice
@@ -19,14 +19,13 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from csdm_dist.config import DataConfig
+from csdm_dist.config import DataConfig, order_tag
+from csdm_dist.data.manifest import (MANIFEST, ManifestError, ShardError, check_counts, check_ids,
+                                     check_split_entry, check_total, load_manifest, rebuild_hint, split_names)
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "ManifestError", "ShardData", "ShardError", "dataset_dir", "encode_png", "load_manifest",
+           "read_split", "scan_shard", "shard_sizes", "stream_shards", "verify_dataset", "write_split"]
 PROGRESS_MIN_SAMPLES = 20000  # show a progress bar when reading a split larger than this
-
-
-class ShardError(RuntimeError):
-    """A shard file is unreadable or inconsistent with the manifest; the message names it and says to rebuild."""
 
 
 @dataclass
@@ -37,18 +36,13 @@ class ShardData:
 
 
 def dataset_dir(cfg: DataConfig) -> Path:
-    """Folder of the built dataset: one per (name, imbalance factor, seed); ImageNet-LT is fixed by its lists."""
+    """Folder of the built dataset: one per (name, imbalance factor, seed, class order), `-order<8-hex hash of the
+    order>` appended for a non-natural dataset.class_order; ImageNet-LT is fixed by its lists."""
     if cfg.source == "imagenet_lt":
         return Path(cfg.data_root) / cfg.name
-    return Path(cfg.data_root) / f"{cfg.name}-if{cfg.imbalance_factor:g}-seed{cfg.seed}"
-
-
-def load_manifest(dataset_dir: Path) -> dict:
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no dataset manifest at {path}; build the dataset first with `python -m "
-                                f"data_prep.build dataset=<name>` (the dataset config of {Path(dataset_dir).name})")
-    return json.loads(path.read_text())
+    order = cfg.class_permutation()
+    suffix = f"-order{order_tag(order)}" if order is not None else ""
+    return Path(cfg.data_root) / f"{cfg.name}-if{cfg.imbalance_factor:g}-seed{cfg.seed}{suffix}"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -115,15 +109,20 @@ def stream_shards(folder: Path, shards: list[str], sizes: list[int], shard_rank:
                          f"manifest says (truncated?); {rebuild}")
 
 
-def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: int = 1) -> ShardData:
-    """Read shards shard_rank, shard_rank + num_shards, ... of a split into memory (decoded, [N, C, H, W])."""
+def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: int = 1,
+               cfg: DataConfig | None = None) -> ShardData:
+    """Read shards shard_rank, shard_rank + num_shards, ... of a split ("train", "test", "val") into memory
+    (decoded, [N, C, H, W]). Pass the run's dataset `cfg` for exact rebuild commands in errors and to refuse a
+    build made from another config. A single reader (num_shards=1) checks the labels it read against the
+    manifest's per-class counts and ids_hash; a rank of several checks sum(counts) == num_samples only (check
+    the all-reduced bincount with manifest.check_counts)."""
     dataset_dir = Path(dataset_dir)
-    manifest = load_manifest(dataset_dir)
-    if split not in manifest:
-        raise KeyError(f"split {split!r} is not in {dataset_dir / MANIFEST}; it has "
-                       f"{[k for k in manifest if isinstance(manifest[k], dict) and 'shards' in manifest[k]]}")
-    entry = manifest[split]
-    rebuild = f"rebuild with `python -m data_prep.build dataset={manifest['name']} force=true`"
+    manifest = load_manifest(dataset_dir, cfg)
+    path, rebuild = dataset_dir / MANIFEST, rebuild_hint(dataset_dir, cfg, manifest=manifest)
+    entry = check_split_entry(manifest, split, path, rebuild)
+    whole = num_shards == 1
+    if not whole:
+        check_total(entry, split, path, rebuild)
     c, s, num_classes = manifest["channels"], manifest["image_size"], len(manifest["class_names"])
     sizes = dict(zip(entry["shards"], entry["shard_sizes"]))
     n = sum(sizes[name] for name in entry["shards"][shard_rank::num_shards])
@@ -132,8 +131,72 @@ def read_split(dataset_dir: Path, split: str, shard_rank: int = 0, num_shards: i
                             f"read {split}", entry["num_samples"] > PROGRESS_MIN_SAMPLES)
     for k, sample in enumerate(samples):
         images[k], labels[k], ids[k] = _parse_sample(sample, c, s, num_classes, rebuild)
+    if whole:
+        check_counts(entry["counts"], np.bincount(labels, minlength=num_classes), manifest_path=path,
+                     rebuild=rebuild, split=split, class_names=manifest["class_names"])
+        check_ids(entry, ids, labels, manifest_path=path, rebuild=rebuild, split=split)
     return ShardData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                      torch.from_numpy(labels), torch.from_numpy(ids))
+
+
+def scan_shard(path: Path, rebuild: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, ids) of every sample of a shard from its tar headers and small `cls` / `id` members, without
+    decoding images; a missing, cut or malformed shard raises ShardError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing; {rebuild}")
+    size, samples = path.stat().st_size, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    raise ShardError(f"shard {path} is cut short inside {member.name}; {rebuild}")
+                key, _, ext = member.name.partition(".")
+                fields = samples.setdefault(key, {})
+                fields[ext] = tar.extractfile(member).read() if ext in ("cls", "id") else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"cannot read shard {path} ({type(e).__name__}: {e}); {rebuild}") from e
+    labels, ids = np.empty(len(samples), np.int64), np.empty(len(samples), np.int64)
+    for k, (key, fields) in enumerate(samples.items()):
+        missing = [f for f in ("png", "cls", "id") if f not in fields]
+        if missing:
+            raise ShardError(f"shard {path}, sample {key!r} lacks the field(s) {missing}; {rebuild}")
+        try:
+            labels[k], ids[k] = int(fields["cls"]), int(fields["id"])
+        except ValueError as e:
+            raise ShardError(f"shard {path}, sample {key!r} has a non-integer cls or id ({e}); {rebuild}") from e
+    return labels, ids
+
+
+def verify_dataset(dataset_dir: Path, cfg: DataConfig | None = None, config_choice: str | None = None) -> int:
+    """Check a built dataset without decoding images: the manifest (valid JSON, built from `cfg` when given,
+    consistent sizes), every listed shard (present, readable, exactly its sample count), and per split the
+    labels against the per-class counts and ids_hash. Returns the number of shards checked."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir, cfg, config_choice)
+    path = dataset_dir / MANIFEST
+    rebuild = rebuild_hint(dataset_dir, cfg, config_choice, manifest)
+    num_classes, checked = len(manifest.get("class_names", [])), 0
+    for split in split_names(manifest):
+        entry = check_split_entry(manifest, split, path, rebuild)
+        parts = []
+        for name, expected in zip(entry["shards"], entry["shard_sizes"]):
+            labels, ids = scan_shard(dataset_dir / name, rebuild)
+            if len(labels) != expected:
+                raise ShardError(f"shard {dataset_dir / name} holds {len(labels)} samples, the manifest says "
+                                 f"{expected}; {rebuild}")
+            outside = labels[(labels < 0) | (labels >= num_classes)]
+            if len(outside):
+                raise ShardError(f"shard {dataset_dir / name} has label {int(outside[0])}, outside the manifest's "
+                                 f"label map of {num_classes} classes; {rebuild}")
+            parts.append((labels, ids))
+        labels = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+        check_counts(entry["counts"], np.bincount(labels, minlength=num_classes), manifest_path=path,
+                     rebuild=rebuild, split=split, class_names=manifest.get("class_names"))
+        check_ids(entry, ids, labels, manifest_path=path, rebuild=rebuild, split=split)
+        checked += len(entry["shards"])
+    return checked
 
 
 def _parse_sample(sample: dict, channels: int, size: int, num_classes: int, rebuild: str):

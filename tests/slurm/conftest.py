@@ -49,7 +49,7 @@ def tiny_dataset(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("fmnist")
     write_fake_fashion_mnist(root / "raw", n_per_class=30, num_classes=10, seed=0)
     over = [f"dataset.raw_root={root / 'raw'}", f"dataset.data_root={root / 'data'}", "dataset.imbalance_factor=10",
-            "dataset.samples_per_shard=16"]
+            "dataset.samples_per_shard=16", "dataset.n_max=null", "dataset.val_per_class=0"]
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         build_dataset(to_config(compose(config_name="config", overrides=over)).dataset)

@@ -1,17 +1,19 @@
 """WebDataset shards: exact round trip, rank splitting that covers every sample once, and clear errors."""
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+from csdm_dist.data.manifest import ManifestError, build_command, check_counts, eval_split, ids_hash
 from csdm_dist.data.shards import (MANIFEST, ShardError, dataset_dir, encode_png, load_manifest, read_split,
                                    shard_sizes, write_split)
 from fakes import fake_config
 
 
-def _make(tmp_path, n=25, channels=1, size=8, num_classes=3, per_shard=10, seed=0):
+def _make(tmp_path, n=25, channels=1, size=8, num_classes=3, per_shard=10, seed=0, with_ids_hash=False):
     """Write a train split of random images plus a minimal manifest; return (images, labels) indexed by id."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
@@ -19,7 +21,10 @@ def _make(tmp_path, n=25, channels=1, size=8, num_classes=3, per_shard=10, seed=
     shards = write_split(tmp_path, "train", images, labels, np.arange(n), per_shard, seed=1)
     manifest = {"name": "toy", "channels": channels, "image_size": size,
                 "class_names": [f"c{i}" for i in range(num_classes)],
-                "train": {"num_samples": n, "shards": shards, "shard_sizes": shard_sizes(n, per_shard)}}
+                "train": {"counts": np.bincount(labels, minlength=num_classes).tolist(), "num_samples": n,
+                          "shards": shards, "shard_sizes": shard_sizes(n, per_shard)}}
+    if with_ids_hash:
+        manifest["train"]["ids_hash"] = ids_hash(np.arange(n), labels)
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     return images, labels
 
@@ -106,7 +111,9 @@ def _rewrite_shard(tmp_path, sample):
     with wds.TarWriter(str(tmp_path / "train-000000.tar"), encoder=False) as sink:
         sink.write(sample)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    manifest["train"].update(num_samples=1, shards=["train-000000.tar"], shard_sizes=[1])
+    counts = [0] * len(manifest["class_names"])
+    counts[0] = 1
+    manifest["train"].update(counts=counts, num_samples=1, shards=["train-000000.tar"], shard_sizes=[1])
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -145,3 +152,107 @@ def test_manifest_and_dataset_dir(tmp_path):
     assert dataset_dir(fake_config("fashion_mnist", "raw", "/d", imbalance_factor=12.5)).name.endswith("-if12.5-seed0")
     lt = fake_config("imagenet_lt", "raw", "/d", name="imagenet_lt", split_lists="lists")
     assert str(dataset_dir(lt)) == "/d/imagenet_lt"
+
+
+def test_dataset_dir_of_a_class_order():
+    natural = fake_config("fashion_mnist", "raw", "/d", class_order=list(range(10)))
+    assert str(dataset_dir(natural)) == "/d/fake_fashion_mnist-if10-seed0"
+    hard = fake_config("fashion_mnist", "raw", "/d", class_order=[1, 8, 5, 9, 7, 3, 2, 4, 0, 6])
+    assert re.fullmatch(r"fake_fashion_mnist-if10-seed0-order[0-9a-f]{8}", dataset_dir(hard).name)
+    assert dataset_dir(hard) == dataset_dir(fake_config("fashion_mnist", "raw", "/d",
+                                                        class_order=[1, 8, 5, 9, 7, 3, 2, 4, 0, 6]))
+
+
+def test_manifest_cut_in_half_names_the_file_and_the_rebuild(tmp_path):
+    _make(tmp_path, n=5)
+    text = (tmp_path / MANIFEST).read_text()
+    (tmp_path / MANIFEST).write_text(text[: len(text) // 2])
+    with pytest.raises(ManifestError, match=rf"{re.escape(str(tmp_path / MANIFEST))} is not valid JSON.*damaged.*"
+                                            rf"dataset\.data_root={re.escape(str(tmp_path.parent))} force=true"):
+        load_manifest(tmp_path)
+    cfg = fake_config("fashion_mnist", "/raw", tmp_path.parent, name="toy")
+    with pytest.raises(ManifestError, match=r"not valid JSON.*`python -m data_prep\.build dataset=toy .*"
+                                            rf"dataset\.data_root={re.escape(str(tmp_path.parent))} "
+                                            r"dataset\.raw_root=/raw force=true`"):
+        load_manifest(tmp_path, cfg)
+    with pytest.raises(ShardError, match="not valid JSON"):  # ManifestError is a ShardError
+        read_split(tmp_path, "train")
+
+
+def _edit_count(tmp_path, c, delta):
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["train"]["counts"][c] += delta
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_edited_class_count_is_refused(tmp_path):
+    _make(tmp_path, n=25, per_shard=10, num_classes=3)  # counts [9, 8, 8]
+    _edit_count(tmp_path, 1, +1)
+    path = re.escape(str(tmp_path / MANIFEST))
+    with pytest.raises(ManifestError, match=rf"{path} says class 1 \(c1\) of the train split has 9 images but its "
+                                            r"shards hold 8.*rebuild with `python -m data_prep\.build dataset=toy"):
+        read_split(tmp_path, "train")
+    with pytest.raises(ManifestError, match=rf"{path}: the per-class counts of the train split sum to 26 but "
+                                            r"num_samples is 25.*rebuild"):
+        read_split(tmp_path, "train", 0, 2)  # one rank of two: only the totals can be checked here
+
+
+def test_check_counts_of_all_reduced_bincounts(tmp_path):
+    check_counts([9, 8, 8], torch.tensor([9, 8, 8]), manifest_path=tmp_path / MANIFEST, rebuild="rebuild with X")
+    with pytest.raises(ManifestError, match=r"says class 0 of the val split has 9 images but its shards hold 10 "
+                                            r"\(and 1 more classes\).*rebuild with X"):
+        check_counts([9, 8, 8], np.array([10, 8, 7]), manifest_path=tmp_path / MANIFEST, rebuild="rebuild with X",
+                     split="val")
+    with pytest.raises(ManifestError, match="counts of 3 classes but the labels read cover 4"):
+        check_counts([9, 8, 8], [9, 8, 8, 0], manifest_path=tmp_path / MANIFEST, rebuild="rebuild with X")
+
+
+def test_swapped_labels_fail_the_ids_hash(tmp_path):
+    images, labels = _make(tmp_path, n=12, per_shard=12, num_classes=3, with_ids_hash=True)
+    assert len(read_split(tmp_path, "train").ids) == 12
+    swapped = labels.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # the per-class counts stay the same
+    write_split(tmp_path, "train", images, swapped, np.arange(12), 12, seed=1)
+    with pytest.raises(ManifestError, match=r"\(id, label\) pairs of the train shards do not match the ids_hash"):
+        read_split(tmp_path, "train")
+
+
+def test_missing_manifest_gives_the_exact_build_command(tmp_path):
+    cfg = fake_config("fashion_mnist", "/raw", tmp_path / "nowhere", name="fashion_mnist_lt", imbalance_factor=10.0,
+                      n_max=None, val_per_class=0, samples_per_shard=2000)
+    ddir = dataset_dir(cfg)
+    command = (f"python -m data_prep.build dataset=fashion_mnist_lt dataset.imbalance_factor=10 dataset.n_max=null "
+               f"dataset.val_per_class=0 dataset.data_root={tmp_path / 'nowhere'} dataset.raw_root=/raw")
+    with pytest.raises(FileNotFoundError, match=rf"the data root {re.escape(str(tmp_path / 'nowhere'))} does not "
+                                                rf"exist.*`{re.escape(command)}`"):
+        load_manifest(ddir, cfg)
+    (tmp_path / "nowhere").mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"no dataset manifest at .*build the dataset first with "
+                                                rf"`{re.escape(command)}`"):
+        load_manifest(ddir, cfg)
+    hard = fake_config("fashion_mnist", "/raw", "d", name="fashion_mnist_lt_hardtail", seed=2, imbalance_factor=10.0,
+                       n_max=5000, val_per_class=500, samples_per_shard=2000,
+                       class_order=[1, 8, 5, 9, 7, 3, 2, 4, 0, 6])  # the YAML's values but seed and IF
+    assert build_command(hard) == ("python -m data_prep.build dataset=fashion_mnist_lt_hardtail "
+                                   "dataset.imbalance_factor=10 dataset.seed=2 dataset.data_root=d "
+                                   "dataset.raw_root=/raw")
+    other = fake_config("fashion_mnist", "/raw", "d", name="fashion_mnist_lt_hardtail", class_order=list(range(10)),
+                        n_max=5000, val_per_class=500, samples_per_shard=2000)
+    assert " dataset.class_order=null " in build_command(other, "fashion_mnist_lt_hardtail")  # natural order
+    assert "dataset.class_order" not in build_command(other, "fashion_mnist_lt")
+
+
+def test_another_config_is_refused_naming_the_fields(tmp_path):
+    from data_prep.build import build_dataset
+    from fakes import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path / "raw", n_per_class=6, num_classes=10)
+    cfg = fake_config("fashion_mnist", tmp_path / "raw", tmp_path / "data", imbalance_factor=3.0)
+    ddir = build_dataset(cfg)
+    other = fake_config("fashion_mnist", tmp_path / "raw", tmp_path / "data", imbalance_factor=3.0, n_max=5)
+    assert dataset_dir(other) == ddir
+    with pytest.raises(ManifestError, match=r"built from another dataset config.*n_max: built None, config 5.*"
+                                            r"force=true"):
+        read_split(ddir, "train", cfg=other)
+    assert len(read_split(ddir, "train", cfg=cfg).ids) == load_manifest(ddir, cfg)["train"]["num_samples"]
+    assert eval_split(load_manifest(ddir), "report") == "test"
