@@ -1,5 +1,6 @@
 """The distillation loop. Per step: draws, real statistics (all-reduced), synthetic statistics (global value,
-local gradient), loss, backward, optimizer step, then maybe log and checkpoint. Every random draw is keyed by
+local gradient; the stored images are decoded on their rank first, formation.decode), loss, backward, the
+step's lr (engine.lr_at), optimizer step, then maybe log and checkpoint. Every random draw is keyed by
 (seed, step, ...), so a resumed run needs only the step and the optimizer state to continue exactly.
 """
 from __future__ import annotations
@@ -16,12 +17,12 @@ from torch import Tensor
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from . import checkpoint, rng
+from . import checkpoint, formation, rng
 from . import spectral as S
 from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config
 from .dist import ParallelLayout, Runtime, all_reduce_sum, global_sum_local_grad
-from .engine import build_engine, load_engine, save_engine
+from .engine import build_engine, load_engine, lr_at, save_engine, set_lr
 from .data.features import FeatureData
 from .extractors import Extractor
 from .preempt import StopSignal
@@ -75,6 +76,11 @@ class Distiller:
                                       cfg.method.weighting.schedule).to(rt.device)
         # expected real images per class per step: each image is kept with probability p_c
         self.keep_prob = (cfg.distill.real_per_class / real.counts.float()).clamp(max=1.0).to(rt.device)
+        # multi-formation: each stored image decodes into f^2 samples of its class, keyed by their own global ids
+        cfg.synthetic.check(d.image_size)
+        self.factor = f = cfg.synthetic.factor
+        self.decoded_ids = formation.decoded_ids(syn.ids, f)
+        self.decoded_labels = formation.decoded_labels(syn.labels, f)
         self.engine = build_engine(syn.images, cfg, layout, rt)  # owns the live synthetic images
         self.timer = PhaseTimer(enabled=False, device=rt.device)
         feat = 2 * self.kernel.num_freqs if self.kernel.name != "linear" else self.extractor.feature_dim
@@ -84,6 +90,7 @@ class Distiller:
                  self.allreduce_bytes, self.num_classes, feat + 1)
         self.step = 0
         self.step_times: list[float] = []
+        self.elapsed_s = 0.0  # distillation wall time over every segment of the run (kept in the checkpoints)
         self.ckpt_root = run_dir / "checkpoints"
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -135,8 +142,9 @@ class Distiller:
                 real = (packed[:, :-1], packed[:, -1])
 
         with t("syn_forward"):
-            zs = self.embed(self.engine().float(), self.syn.ids, op, rng.SYN_AUG, step)
-            s_sums, s_n = S.class_statistics(zs, self.syn.labels, self.num_classes, freqs,
+            decoded = formation.decode(self.engine().float(), self.factor)
+            zs = self.embed(decoded, self.decoded_ids, op, rng.SYN_AUG, step)
+            s_sums, s_n = S.class_statistics(zs, self.decoded_labels, self.num_classes, freqs,
                                              freq_scale=self.freq_scale)
         with t("all_reduce"):
             syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
@@ -144,8 +152,11 @@ class Distiller:
             out = self.loss(real, syn)
             self.engine.backward(out["loss"])
         with t("optimizer"):
+            lr = lr_at(step, cfg.distill.iterations, cfg.distill)
+            set_lr(self.engine, lr)
             self.engine.step()
         out["real_images"] = real[1].sum()
+        out["lr"] = torch.tensor(lr)
         return out
 
     # ---- the loop ------------------------------------------------------------------------------------------
@@ -161,6 +172,7 @@ class Distiller:
             out = self.train_step(step)
             self.step = step + 1
             self.step_times.append(time.perf_counter() - t0)
+            self.elapsed_s += self.step_times[-1]
             if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
                 vals = {k: float(v.detach()) for k, v in out.items()}  # host sync, only when logging
                 for k, v in vals.items():
@@ -176,7 +188,8 @@ class Distiller:
                 log.warning("stopped at step %d on request; resume continues from here", self.step)
                 return False
         bar.close()
-        self.save()
+        if checkpoint.latest(self.ckpt_root) != self.step:  # a resumed, already final run has its checkpoint
+            self.save()
         return True
 
     def step_ms_median(self) -> float:
@@ -205,7 +218,7 @@ class Distiller:
         return {"config_hash": config_hash(self.cfg), "world_size": self.rt.world_size}
 
     def save(self) -> None:
-        state = {"step": self.step, "ids": self.syn.ids.cpu().tolist()}
+        state = {"step": self.step, "ids": self.syn.ids.cpu().tolist(), "elapsed_s": self.elapsed_s}
         checkpoint.save(self.ckpt_root, self.step, self.rt.rank,
                         lambda path: save_engine(self.engine, self.ckpt_root, path.name, state),
                         self.meta(), self.cfg.distill.keep_checkpoints)
@@ -219,6 +232,7 @@ class Distiller:
         if state["ids"] != self.syn.ids.cpu().tolist():
             raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")
         self.step = state["step"]
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
         log.info("resumed from %s at step %d", checkpoint.step_dir(self.ckpt_root, step), self.step)
 
 

@@ -10,7 +10,9 @@ DeepSpeed default:
   would also make N ranks differ from 1, since each rank would clip its own slice);
 - the C++ shared-memory collective op is not built (`build_shm_op` replaced): plain torch.distributed is used,
   and the first initialize takes no minute of compiling;
-- fp16 is refused (config validation); bf16 keeps fp32 master weights.
+- fp16 is refused (config validation); bf16 keeps fp32 master weights;
+- no DeepSpeed lr scheduler: the lr of step s is `lr_at(s, ...)`, a pure function, written into the optimizer's
+  param groups before every step (`set_lr`), so a resumed run takes the same lrs without scheduler state.
 The images are always read through `engine()` (the module's forward), which also works under ZeRO-3.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import Config
+from .config import Config, DistillConfig
 from .dist import ParallelLayout, Runtime
 
 
@@ -63,6 +66,31 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=0.0)
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
+
+
+def lr_at(step: int, iterations: int, cfg: DistillConfig) -> float:
+    """The learning rate of 0-based step `step` of `iterations` under cfg.lr_schedule (see DistillConfig).
+
+    `constant` is cfg.lr at any step; the others are defined on 0 <= step < iterations only."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step >= iterations:
+        raise ValueError(f"step {step} is past distill.iterations={iterations}, where distill.lr_schedule="
+                         f"{cfg.lr_schedule} ends")
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / iterations))
+    if cfg.lr_schedule == "step":  # s / iterations is correctly rounded: 7 / 10 >= 0.7 holds
+        return cfg.lr * cfg.lr_gamma ** sum(step / iterations >= f for f in cfg.lr_milestones)
+    raise ValueError(f"unknown distill.lr_schedule {cfg.lr_schedule!r}")
+
+
+def set_lr(engine, lr: float) -> None:
+    """Write `lr` into every param group of the engine's optimizer (the ZeRO and bf16 wrappers forward
+    param_groups to the client optimizer, which is the one that steps)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
 
 
 @contextlib.contextmanager

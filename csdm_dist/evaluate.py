@@ -6,7 +6,9 @@ Protocols (DESIGN.md section 7):
 Repeats are spread over all ranks (repeat r on rank r mod world) and gathered. Reported: mean and std over
 repeats of the last-epoch accuracy, the best tested epoch, per-class accuracy and many / medium / few groups.
 
-Entry point: `python -m csdm_dist.evaluate distilled=<run>/distilled.pt [eval.repeats=...]`.
+Entry point: `python -m csdm_dist.evaluate distilled=<run>/distilled.pt [eval.repeats=...]`. A distilled.pt
+stores its images as they are kept (multi-formation: f x f tiles each, key "factor"; absent in older files,
+which are factor 1); they are decoded (formation.decode_set) before training.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from . import rng
+from . import formation, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import EvalConfig, ExtractorConfig
 from .models import build_network, reinit_
@@ -65,7 +67,8 @@ def test_accuracy(net: torch.nn.Module, test_x: Tensor, test_y: Tensor, norm, nu
     """Per-class accuracy [num_classes] on the (uint8) test set."""
     net.eval()
     correct = torch.zeros(num_classes, device=device)
-    for i in range(0, len(test_y), batch):
+    for i in tqdm(range(0, len(test_y), batch), desc=f"test ({len(test_y)} images)", unit="batch", leave=False,
+                  dynamic_ncols=True):
         x = norm(test_x[i:i + batch].to(device))
         y = test_y[i:i + batch].to(device)
         correct += torch.bincount(y[net(x).argmax(1) == y], minlength=num_classes).float()
@@ -126,7 +129,9 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
         acc[0, r], acc[1, r] = last, best
     if dist.is_initialized() and world > 1:
         dist.all_reduce(acc)  # each repeat was filled by exactly one rank
-    return summarise(acc[0].cpu(), acc[1].cpu(), counts)
+    out = summarise(acc[0].cpu(), acc[1].cpu(), counts)
+    out["train_images"] = len(labels)  # what the networks trained on (the decoded count under multi-formation)
+    return out
 
 
 def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
@@ -164,9 +169,10 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
     rt = init_distributed(device)
     try:
-        test = read_split(dataset_dir(cfg.dataset), "test", 0, 1)
+        test = read_split(dataset_dir(cfg.dataset), ev.split, 0, 1, cfg=cfg.dataset)
         norm = Normalizer.build(blob["mean"], blob["std"], rt.device)
-        acc = evaluate_set(blob["images"].to(rt.device), blob["labels"], test.images, test.labels, norm,
+        images, labels = formation.decode_set(blob["images"].to(rt.device), blob["labels"], blob.get("factor", 1))
+        acc = evaluate_set(images, labels, test.images, test.labels, norm,
                            blob["class_counts"], ev, cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank,
                            rt.world_size, rt.device, name=cfg.method.name)
         if rt.is_main:

@@ -1,6 +1,11 @@
 """The synthetic set: class-major global ids (id = c * ipc + j, label = c), sharded round-robin over the shard
 group (rank s holds ids s, s + shards, ...). Initialisation picks, per class, the ipc real images with the
 smallest hash keys over the whole real set, wherever they live, so every world size starts from the same images.
+
+With multi-formation (synthetic.factor f > 1, csdm_dist/formation.py) the set still holds ipc stored images per
+class, and these ids, labels and slices are the stored ones; each rank decodes its own stored images into f^2
+samples (ids stored_id * f^2 + k) before the extractor. distill.init=mix picks ipc * f^2 real images per class
+with the same global rule and `mix_order` assigns them to tiles.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import rng
+from .config import ConfigError
 from .dist import ParallelLayout, all_reduce_sum
 
 log = logging.getLogger(__name__)
@@ -42,11 +48,14 @@ class SyntheticSet:
 
 
 def pick_real_init(images: Tensor, labels: Tensor, ids: Tensor, num_classes: int, ipc: int, seed: int,
-                   layout: ParallelLayout, policy: str) -> Tensor:
+                   layout: ParallelLayout, policy: str, need: str | None = None) -> Tensor:
     """uint8 images [C * ipc, ...] chosen from the real set spread over the shard group; the same on every rank.
 
-    A class with fewer than ipc real images follows `policy`: `repeat` cycles its images (logged), `error` raises.
+    Per class, the images in ascending key order: the first m of a pick of ipc >= m are a pick of m. A class with
+    fewer than ipc real images follows `policy`: `repeat` cycles its images (logged), `error` raises. `need` names
+    the count in those messages (default `ipc=<ipc>`).
     """
+    need = need or f"ipc={ipc}"
     dev = images.device
     keys = rng.sample_uniforms(ids, seed, 0, rng.INIT).squeeze(1).to(dev)
     order = torch.argsort(labels.double() * 4 + keys.double())  # by class, then by key
@@ -71,9 +80,12 @@ def pick_real_init(images: Tensor, labels: Tensor, ids: Tensor, num_classes: int
         if n == 0:
             raise ValueError(f"class {c} has no real images; rebuild the dataset or drop the class")
         if policy == "error":
-            raise ValueError(f"class {c} has {n} real images but ipc={ipc}; lower ipc or set "
-                             "distill.small_class_policy=repeat")
-        log.warning("class %d has %d real images < ipc=%d: repeating its real images at init (policy=repeat)", c, n, ipc)
+            raise ConfigError(f"invalid config `ipc`: class {c} has {n} real images but {need}; lower ipc or set "
+                              "distill.small_class_policy=repeat")
+    if short:  # one warning for all of them
+        log.warning("%d of %d classes have fewer real images than %s: %s; repeating their real images at init "
+                    "(distill.small_class_policy=repeat)", len(short), num_classes, need,
+                    ", ".join(f"class {c} has {n}" for c, n in short))
     slot = torch.arange(ipc, device=dev).unsqueeze(0) % available.clamp_min(1).unsqueeze(1)  # cycle short classes
     col = torch.gather(best_col, 1, slot)
     owner, j = col // ipc, col % ipc
@@ -84,3 +96,12 @@ def pick_real_init(images: Tensor, labels: Tensor, ids: Tensor, num_classes: int
     out[mine] = images[cand_idx[rows[mine], j[mine]]].to(torch.int32)
     dist.all_reduce(out, group=layout.shard_group)  # each slot is filled by exactly one rank
     return out.flatten(0, 1).to(torch.uint8)
+
+
+def mix_order(picks: Tensor, num_classes: int, ipc: int, factor: int) -> Tensor:
+    """[C * ipc * f^2, ...] per-class picks (pick_real_init with ipc * f^2) -> the same images in the order that
+    formation.mix turns into [C * ipc] stored images: tile k of stored image j of class c is pick k * ipc + j of
+    class c. Tile 0 of each stored image is thus the image a `real` init (a pick of ipc) starts that image from."""
+    k = factor * factor
+    per = picks.reshape(num_classes, k, ipc, *picks.shape[1:])
+    return per.transpose(1, 2).reshape(num_classes * ipc * k, *picks.shape[1:])

@@ -5,7 +5,8 @@ or `torchrun ... -m csdm_dist.distill` (N ranks, one node or two "nodes" on loca
 Fashion-MNIST-LT (118 train images, IF 10) built once per module into several WebDataset shards. What is checked:
 
 - 1 rank and 2 ranks (one node, and two torchrun launches as two nodes) take the same steps: same distilled images
-  and same per-step losses up to fp32 summation order, also when the shard count is not a multiple of the ranks;
+  and same per-step losses up to fp32 summation order, also when the shard count is not a multiple of the ranks,
+  and with multi-formation (synthetic.factor=2, distill.init=mix: each rank decodes its own stored images);
 - every real training sample is held by exactly one rank (2 ranks; 3 ranks on 2 shards, where one rank holds
   none), and a distillation with an empty rank runs to the end with every rank taking every step;
 - a 2-rank run stopped and resumed from its checkpoint ends exactly where an uninterrupted one does; each rank
@@ -85,10 +86,11 @@ class Launch:
     """A child process (group) whose stdout and stderr go to `log`."""
     live: list["Launch"] = []  # killed at the end of each test if still running (a failed assertion left them)
 
-    def __init__(self, cmd: list[str], log: Path):
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None):
         self.cmd, self.log = cmd, log
         self._out = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=self._out, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**child_env(), **(env or {})}, stdout=self._out,
+                                     stderr=subprocess.STDOUT,
                                      start_new_session=True)  # own process group: a hang is killed whole
         Launch.live.append(self)
 
@@ -198,7 +200,7 @@ def datasets(tmp_path_factory) -> dict[str, list[str]]:
     out = {}
     for name, (per_shard, want) in SHARDINGS.items():
         over = [f"dataset.raw_root={root / 'raw'}", f"dataset.data_root={root / name}", "dataset.imbalance_factor=10",
-                f"dataset.samples_per_shard={per_shard}"]
+                f"dataset.samples_per_shard={per_shard}", "dataset.n_max=null", "dataset.val_per_class=0"]
         ddir = build_dataset(to_config(compose_cfg(over)).dataset)
         manifest = json.loads((ddir / "manifest.json").read_text())
         assert manifest["train"]["num_samples"] == 118 and len(manifest["train"]["shards"]) == want, manifest["train"]
@@ -244,6 +246,20 @@ def test_two_nodes_on_localhost_agree(datasets, one_rank, tmp_path, name):
     assert_agree(one_rank(name, K), out, f"2 nodes x 1 rank, {name} shard count")
 
 
+
+def test_one_and_two_ranks_agree_with_multi_formation(datasets, tmp_path):
+    """synthetic.factor=2, distill.init=mix: each rank decodes the stored images it owns (DESIGN.md section 3), so
+    2 ranks take the 1-rank steps, from the same mixed start; distilled.pt keeps the stored images."""
+    over = datasets["even"] + TINY + ["synthetic.factor=2", "distill.init=mix"]
+    start = distil(over + ["distill.iterations=0"], tmp_path / "start")
+    ref = distil(over + [f"distill.iterations={K}"], tmp_path / "one")
+    two = distil(over + [f"distill.iterations={K}"], tmp_path / "two", nproc=2)
+    blob = torch.load(two / "distilled.pt", weights_only=False)
+    assert blob["factor"] == 2 and blob["images"].shape == (30, 1, 28, 28)  # ipc=3 stored images per class
+    moved = max_diff(images(start), images(ref))
+    assert moved > 100 * ATOL_IMAGES, f"the images hardly moved in {K} steps ({moved:.3g}): the test would be trivial"
+    assert_agree(ref, two, "2 ranks, 1 node, synthetic.factor=2 init=mix")
+
 # ---- real data: exactly once ------------------------------------------------------------------------------------
 GATHER_IDS = textwrap.dedent("""
     # Under torchrun: each rank loads its real shards as the distillation does; rank 0 writes every rank's ids.
@@ -260,7 +276,9 @@ GATHER_IDS = textwrap.dedent("""
         cfg = to_config(compose(config_name="config", overrides=overrides))
     rt = init_distributed("cpu")
     layout = ParallelLayout.from_world(1, rt.rank, rt.world_size)
-    real, manifest = load_real(cfg, layout, rt.device)
+    from csdm_dist.data.shards import dataset_dir, load_manifest
+    manifest = load_manifest(dataset_dir(cfg.dataset), cfg.dataset)
+    real = load_real(cfg, layout, rt.device, manifest)
     n = torch.tensor([len(real.ids)])
     sizes = [torch.zeros_like(n) for _ in range(rt.world_size)]
     dist.all_gather(sizes, n)
