@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def main(argv=None) -> dict:
                     print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} seed {seed}: reusing {run_dir}")
                 else:
                     print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} seed {seed} ...", flush=True)
+                    if run_dir.exists():  # this benchmark's own cell, rerun from scratch (a run refuses to mix)
+                        shutil.rmtree(run_dir)
                     distil(data, imb, method, seed, args, mode, run_dir, extra, out)
                 res = json.loads((run_dir / "results.json").read_text())
                 acc = res["accuracy"]
@@ -116,7 +119,7 @@ def distil(data: list[str], imb: float, method: str, seed: int, args, mode: str,
         source += ["real_source=features", *POOL[mode]]
     settings = [f"{k}={v}" for k, v in MODES[mode].items()]
     cmd = [py, "-m", "csdm_dist.distill", *common, f"method={method.split('-')[0]}", f"ipc={args.ipc}",
-           "baseline=false", "resume=false", f"out_dir={run_dir}", *source, *settings, *extra]
+           "baseline=false", f"out_dir={run_dir}", *source, *settings, *extra]
     run(cmd, out / f"if{imb:g}-{method}-s{seed}.log")
 
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
+from .errors import RunDirError
+
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -32,17 +34,24 @@ def save(root: Path, step: int, rank: int, write: Callable[[Path], None], meta: 
         tmp = path / "meta.json.tmp"  # meta.json marks the folder complete: it must appear whole or not at all
         tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
         tmp.replace(path / "meta.json")
-        for old in complete_steps(root)[:-keep]:
+        for old in complete_steps(root, meta.get("config_hash"))[:-keep]:  # never another run's
             shutil.rmtree(step_dir(root, old))
     dist.barrier()
     return path
 
 
-def complete_steps(root: Path) -> list[int]:
+def complete_steps(root: Path, config_hash: Optional[str] = None) -> list[int]:
+    """Steps of the complete checkpoint folders under `root`; with `config_hash`, only those of that run."""
     if not root.is_dir():
         return []
     steps = [int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
+    if config_hash is not None:
+        steps = [s for s in steps if _meta(step_dir(root, s)).get("config_hash") == config_hash]
     return sorted(steps)
+
+
+def _meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
 
 
 def latest(root: Path) -> Optional[int]:
@@ -53,8 +62,8 @@ def latest(root: Path) -> Optional[int]:
 def check_meta(root: Path, step: int, expect: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint whose run metadata differs (`expect`: key -> value)."""
     path = step_dir(root, step)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = _meta(path)
     for key, want in expect.items():
         if meta.get(key) != want:
-            raise ValueError(f"checkpoint {path} has {key}={meta.get(key)!r} but this run has {want!r}; resume with "
-                             f"the same settings, or start afresh with resume=false or another out_dir")
+            raise RunDirError(f"checkpoint {path} has {key}={meta.get(key)!r} but this run has {want!r}; resume with "
+                             f"the same settings, or move the old run aside with overwrite=true, or use another out_dir")

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .config import Config, ConfigError, _check
+from .config import Config, ConfigError, _check, check_keys, default_out_dir
 
 EXECUTORS = ("local", "debug", "slurm")
 
@@ -72,14 +72,12 @@ class SubmitConfig(Config):
 
 
 def register_cluster_configs() -> None:
-    """Store the submit app's schemas (`base_submit`, `cluster/base_cluster`) and the `csdm.g` resolver."""
+    """Store the submit app's schemas (`base_submit`, `cluster/base_cluster`) """
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="base_submit", node=SubmitConfig)
     cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
-    if not OmegaConf.has_resolver("csdm.g"):  # ${csdm.g:100.0} -> "100": numbers in run names without ".0"
-        OmegaConf.register_new_resolver("csdm.g", lambda x: f"{float(x):g}")
 
 
 def split_submit_config(cfg: DictConfig | dict[str, Any]) -> tuple[Config, ClusterConfig, dict[str, Any]]:
@@ -96,10 +94,14 @@ def split_submit_config(cfg: DictConfig | dict[str, Any]) -> tuple[Config, Clust
     from .config import to_config
 
     cluster = to_cluster_config(cluster_dict)
-    return to_config(container), cluster, container
+    cfg = to_config(container)
+    if container.get("out_dir") is None:  # the same naming rule as a plain run, under cluster.output_root
+        cfg.out_dir = container["out_dir"] = default_out_dir(cfg, cluster.output_root)
+    return cfg, cluster, container
 
 
 def to_cluster_config(cfg: DictConfig | dict[str, Any]) -> ClusterConfig:
+    check_keys(cfg, ClusterConfig, "cluster.")
     merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, ClusterConfig)

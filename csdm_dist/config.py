@@ -6,18 +6,27 @@ Nothing is registered on import: entry points call `register_configs()`.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import hashlib
+import json
 import math
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .errors import UserError
+
 SOURCES = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagenet", "imagenet_lt")
 KERNELS = ("gaussian", "laplacian", "cauchy", "matern", "linear")
 METHODS = ("csdm", "ncfm", "dm", "random")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the key and says what is allowed."""
 
 
@@ -41,6 +50,12 @@ class DataConfig:
     split_lists: Optional[str] = None  # imagenet_lt only: folder with ImageNet_LT_{train,test}.txt
     samples_per_shard: int = 2000  # samples per WebDataset tar shard
     seed: int = 0  # pinned seed choosing which images form the long-tailed subset
+    # raw class indices in long-tailed order: class_order[k] becomes label k (k = 0 is the head, n_max images);
+    # None: the natural order 0..C-1. Not for imagenet_lt (its lists fix the classes and counts)
+    class_order: Optional[list[int]] = None
+    # balanced validation split: this many images per class from the raw training images the long-tailed subset
+    # did not take (split `val`); 0: no validation split. Not for imagenet_lt
+    val_per_class: int = 0
     mean: list[float] = field(default_factory=list)  # per-channel normalisation mean (0-1 pixel scale)
     std: list[float] = field(default_factory=list)  # per-channel normalisation std
 
@@ -57,6 +72,22 @@ class DataConfig:
         _check(all(s > 0 for s in self.std), "dataset.std", "values must be > 0")
         _check(self.source != "imagenet_lt" or bool(self.split_lists), "dataset.split_lists",
                "imagenet_lt needs the folder holding ImageNet_LT_train.txt and ImageNet_LT_test.txt")
+        if self.class_order is not None:
+            _check(sorted(self.class_order) == list(range(self.num_classes)), "dataset.class_order",
+                   f"must list every raw class index 0..{self.num_classes - 1} exactly once (a permutation), got "
+                   f"{list(self.class_order)}; or set it to null for the natural order")
+            _check(self.source != "imagenet_lt" or self.class_permutation() is None, "dataset.class_order",
+                   "imagenet_lt's classes and counts come from its split lists; set it to null")
+        _check(self.val_per_class >= 0, "dataset.val_per_class", f"must be >= 0 (0: no val split), got "
+               f"{self.val_per_class}")
+        _check(self.source != "imagenet_lt" or self.val_per_class == 0, "dataset.val_per_class",
+               "imagenet_lt's lists take every training image it reads, none is left for a val split; set it to 0")
+
+    def class_permutation(self) -> Optional[list[int]]:
+        """class_order as a list, or None when it is unset or the natural order 0..C-1 (builds stay the same)."""
+        if self.class_order is None or list(self.class_order) == list(range(self.num_classes)):
+            return None
+        return [int(r) for r in self.class_order]
 
 
 @dataclass
@@ -152,10 +183,18 @@ class DistillConfig:
     iterations: int = 200  # optimisation steps of the synthetic set
     real_per_class: int = 64  # expected real images per class per step (Bernoulli subsampling)
     real_chunk: int = 2048  # real images per extractor forward pass: bounds activation memory
-    init: str = "real"  # synthetic init: `real` images or gaussian `noise`
+    # synthetic init: `real` images, gaussian `noise`, or `mix`: each stored image's f x f tiles hold f^2
+    # different real images of its class, shrunk to the tile size (synthetic.factor; with f = 1, mix == real)
+    init: str = "real"
     small_class_policy: str = "repeat"  # IPC > n_c: `repeat` real images at init (logged) or `error`
     optimizer: str = "adam"  # `adam` or `sgd`, on the synthetic pixels
     lr: float = 0.03  # learning rate of the synthetic pixels (normalised pixel space)
+    # lr at step s (0-based) of `iterations`: `constant` lr; `cosine` lr * (1 + cos(pi * s / iterations)) / 2
+    # (reaching 0 at s = iterations); `step` lr * lr_gamma^k, k = milestones with s / iterations >= fraction.
+    # A pure function of (s, iterations, these keys) set before every optimizer step: resumes exactly
+    lr_schedule: str = "constant"
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # lr_schedule=step: fractions
+    lr_gamma: float = 0.1  # lr_schedule=step: factor applied at each milestone
     momentum: float = 0.5  # sgd momentum
     augment: bool = True  # differentiable siamese augmentation on real and synthetic batches
     log_every: int = 10  # TensorBoard scalars every this many steps
@@ -167,13 +206,37 @@ class DistillConfig:
         _check(self.iterations >= 0, "distill.iterations", f"must be >= 0, got {self.iterations}")
         _check(self.real_per_class >= 1, "distill.real_per_class", "must be >= 1")
         _check(self.real_chunk >= 1, "distill.real_chunk", "must be >= 1")
-        _check(self.init in ("real", "noise"), "distill.init", f"{self.init!r} is not `real` or `noise`")
+        _check(self.init in ("real", "noise", "mix"), "distill.init", f"{self.init!r} is not `real`, `noise` or `mix`")
         _check(self.small_class_policy in ("repeat", "error"), "distill.small_class_policy",
                f"{self.small_class_policy!r} is not `repeat` or `error`")
         _check(self.optimizer in ("adam", "sgd"), "distill.optimizer", f"{self.optimizer!r} is not adam or sgd")
         _check(self.lr > 0, "distill.lr", "must be > 0")
+        _check(self.lr_schedule in LR_SCHEDULES, "distill.lr_schedule",
+               f"{self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        m = list(self.lr_milestones)
+        _check(all(0 < f < 1 for f in m) and all(a < b for a, b in zip(m, m[1:])), "distill.lr_milestones",
+               f"must be strictly increasing fractions of distill.iterations inside (0, 1), got {m}")
+        _check(0 < self.lr_gamma <= 1, "distill.lr_gamma", f"must lie in (0, 1], got {self.lr_gamma}")
         _check(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1, "distill.checkpoint_every",
                "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+
+
+@dataclass
+class SyntheticConfig:
+    """How the synthetic set is stored (DESIGN.md section 3, multi-formation; csdm_dist/formation.py)."""
+    # f: each stored image is an f x f grid of (image_size // f) px tiles, each decoded (upsampled) to a full
+    # image, so the ipc stored images per class give ipc * f^2 training images. Tiles must be >= 4 px. When f
+    # does not divide image_size, the last image_size - f * (image_size // f) pixel rows and columns are unused
+    factor: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.factor >= 1, "synthetic.factor", f"must be >= 1, got {self.factor}")
+
+    def check(self, image_size: int) -> None:
+        """ConfigError naming synthetic.factor when the tiles of `image_size` px images would be under 4 px."""
+        _check(image_size // self.factor >= 4, "synthetic.factor",
+               f"{self.factor} cuts {image_size} px images into {image_size // self.factor} px tiles; tiles need "
+               f">= 4 px, so factor <= {image_size // 4} at this image size")
 
 
 @dataclass
@@ -186,6 +249,8 @@ class EvalConfig:
     augment: bool = True  # differentiable augmentation while training
     test_batch_size: int = 1000
     test_points: int = 1  # test this many times, evenly spaced (the last at the final epoch); best = max
+    # the split evaluated on: `test` for reported tables, `val` (dataset.val_per_class > 0) to choose defaults
+    split: str = "test"
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("dm", "ncfm"), "eval.protocol", f"{self.protocol!r} is not `dm` or `ncfm`")
@@ -193,6 +258,8 @@ class EvalConfig:
         _check(self.repeats >= 1, "eval.repeats", f"must be >= 1, got {self.repeats}")
         _check(1 <= self.test_points <= self.epochs, "eval.test_points", "must be between 1 and eval.epochs")
         _check(self.arch in ("convnet", "resnet18"), "eval.arch", f"{self.arch!r} is not convnet or resnet18")
+        _check(self.split in ("test", "val"), "eval.split", f"{self.split!r} is not `test` or `val` (the balanced "
+               "validation split of dataset.val_per_class)")
 
 
 @dataclass
@@ -226,6 +293,7 @@ class Config:
     method: MethodConfig = MISSING
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -233,9 +301,12 @@ class Config:
     real_source: str = "images"  # `images`: featurise real batches every step; `features`: precomputed shards
     ipc: int = 10  # synthetic images per class
     seed: int = 0  # seeds every random draw of the run
-    out_dir: str = "runs/${dataset.name}/${method.name}-ipc${ipc}-seed${seed}"  # the run directory
+    out_dir: Optional[str] = None  # the run directory; None: runs/<dataset>/<run_name> (see run_name())
     device: str = "auto"  # `auto` (cuda if present, else cpu), `cpu` or `cuda`
-    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    resume: bool = True  # continue the run of this configuration in out_dir; false: refused if out_dir holds a run
+    overwrite: bool = False  # out_dir holds another run (or resume=false): move it aside to <out_dir>.old-<time>
+    reevaluate: bool = False  # out_dir holds this finished run: evaluate it again instead of printing its table
+    force_memory: bool = False  # start even when the memory estimate exceeds the memory available
     evaluate: bool = True  # evaluate the distilled set at the end of distillation
     baseline: bool = True  # also evaluate the random-real baseline and print both in the results table
 
@@ -247,6 +318,33 @@ class Config:
         _check(self.real_source == "images" or (self.extractor.mode == "pool" and not self.extractor.interpolate),
                "real_source", "features need a fixed extractor: set extractor.mode=pool extractor.interpolate=false "
                "(the features were computed by the pool's trained networks)")
+        self.synthetic.check(self.dataset.image_size)
+        if self.out_dir is None:
+            self.out_dir = default_out_dir(self)
+
+
+def run_name(cfg: Config) -> str:
+    """The run's folder name: what a user sweeps (method, IPC, imbalance factor, seed, and the rest only when it
+    differs from the default), so two such runs never share a folder. launch/submit.py uses the same rule."""
+    parts = [cfg.method.name, f"ipc{cfg.ipc}"]
+    if cfg.dataset.source != "imagenet_lt":  # ImageNet-LT's imbalance comes from its lists
+        parts.append(f"if{cfg.dataset.imbalance_factor:g}")
+    if cfg.synthetic.factor != 1:
+        parts.append(f"f{cfg.synthetic.factor}")
+    order = cfg.dataset.class_permutation()
+    if order is not None:  # another class order is another dataset
+        parts.append(f"order{order_tag(order)}")
+    parts.append(f"seed{cfg.seed}")
+    return "-".join(parts)
+
+
+def order_tag(class_order: list[int]) -> str:
+    """Short stable hash of a class order, for folder names (`-order<tag>`: datasets and runs)."""
+    return hashlib.sha256(json.dumps([int(r) for r in class_order]).encode()).hexdigest()[:8]
+
+
+def default_out_dir(cfg: Config, root: str = "runs") -> str:
+    return str(Path(root) / cfg.dataset.name / run_name(cfg))
 
 
 def register_configs() -> None:
@@ -260,10 +358,39 @@ def register_configs() -> None:
     cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
 
 
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, Optional[str]]]:
+    """Keys of `node` (a mapping) that the dataclass `schema` does not have, recursively: (dotted key, the closest
+    valid key or None). Free-form dict fields (e.g. deepspeed.extra) are not looked into."""
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    out: list[tuple[str, Optional[str]]] = []
+    for key in node.keys():
+        if key == "hydra" and not prefix:  # Hydra's own node, in a composed config
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            out.append((prefix + str(key), prefix + close[0] if close else None))
+            continue
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub) and hasattr(node[key], "keys"):
+            out += unknown_keys(node[key], sub, f"{prefix}{key}.")
+    return out
+
+
+def check_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """ConfigError naming every key the schema does not know, with the closest valid one."""
+    bad = unknown_keys(node, schema, prefix)
+    if bad:
+        said = "; ".join(f"`{k}`" + (f" (did you mean `{near}`?)" if near else "") for k, near in bad)
+        raise ConfigError(f"unknown config key{'s' if len(bad) > 1 else ''} {said}. `--cfg job` on the command line "
+                          f"prints every valid key")
+
+
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
-    """Resolve interpolations and build the typed (validated) Config."""
+    """Refuse unknown keys, resolve interpolations and build the typed (validated) Config."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
+    check_keys(cfg, Config)
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)

@@ -6,8 +6,13 @@ TensorBoard logs into out_dir.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import logging.handlers
+import os
+import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,30 +22,33 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from . import checkpoint, rng
-from .config import Config, register_configs, to_config
+from . import checkpoint, formation, rng, rundir
+from .config import Config, ConfigError, register_configs, to_config
+from .errors import EXIT_STOPPED, Interrupted, one_line_errors
 from .data.features import (FeatureData, check_provenance, features_dir, load_features_manifest, provenance,
                             read_features)
-from .data.shards import dataset_dir, load_manifest, read_split
-from .dist import ParallelLayout, Runtime, close_distributed, init_distributed
+from .data.manifest import check_counts, rebuild_hint, split_names
+from .data.shards import MANIFEST, dataset_dir, load_manifest, read_split
+from .dist import ParallelLayout, Runtime, all_reduce_sum, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
 from .evaluate import evaluate_set
 from .extractors import file_sha256
+from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
 from .preempt import StopSignal
-from .synthetic import SyntheticSet, pick_real_init
-from .tblog import make_logger
+from .synthetic import SyntheticSet, mix_order, pick_real_init
+from .tblog import NullLogger, make_logger
 
 log = logging.getLogger("csdm_dist.distill")
 
 
-def load_real(cfg: Config, layout: ParallelLayout, device: torch.device) -> tuple[RealData, dict]:
+def load_real(cfg: Config, layout: ParallelLayout, device: torch.device, manifest: dict) -> RealData:
     ddir = dataset_dir(cfg.dataset)
-    manifest = load_manifest(ddir)
-    shard = read_split(ddir, "train", layout.shard_rank, layout.shards)
+    shard = read_split(ddir, "train", layout.shard_rank, layout.shards, cfg=cfg.dataset)
     counts = torch.tensor(manifest["train"]["counts"], dtype=torch.long)
-    if len(counts) != cfg.dataset.num_classes:
-        raise ValueError(f"{ddir} has {len(counts)} classes but dataset.num_classes={cfg.dataset.num_classes}")
+    # the shards against the manifest: every rank of the shard group read other shards, together the whole split
+    read = all_reduce_sum(torch.bincount(shard.labels, minlength=cfg.dataset.num_classes), layout.shard_group)
+    check_counts(counts, read, manifest_path=ddir / MANIFEST, rebuild=rebuild_hint(ddir, cfg.dataset))
     real = RealData(shard.images.to(device), shard.labels.to(device), shard.ids.to(device), counts)
     log.info("rank %d holds %d of %d real images", layout.shard_rank, len(shard.labels), int(counts.sum()))
     if cfg.real_source == "features":
@@ -51,76 +59,208 @@ def load_real(cfg: Config, layout: ParallelLayout, device: torch.device) -> tupl
         real.features = FeatureData(f.feats.to(device), f.labels.to(device), f.ids.to(device))
         log.info("rank %d holds %d real feature vectors x %d members x %d views from %s", layout.shard_rank,
                  f.feats.shape[2], f.feats.shape[0], f.feats.shape[1], folder)
-    return real, manifest
+    return real
+
+
+def check_dataset(cfg: Config, manifest: dict, ddir: Path) -> None:
+    n = len(manifest["train"]["counts"])
+    if n != cfg.dataset.num_classes:
+        raise ConfigError(f"invalid config `dataset.num_classes`: {ddir} has {n} classes but dataset.num_classes="
+                          f"{cfg.dataset.num_classes}")
+    if cfg.evaluate and cfg.eval.split not in split_names(manifest):
+        raise ConfigError(f"invalid config `eval.split`: {ddir} has no {cfg.eval.split} split (it has "
+                          f"{split_names(manifest)}); rebuild it with dataset.val_per_class=N, or use eval.split=test")
+
+
+def check_memory(cfg: Config, rt: Runtime, counts: list[int]) -> None:
+    """Refuse (unless force_memory=true) a run whose memory estimate exceeds what this machine has free."""
+    est = estimate_from_counts(cfg, rt.world_size, counts)
+    here = 1 if rt.device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = available_bytes(rt.device.type, rt.device.index)
+    log.info("memory estimate per rank %s, %s available", human(est.total), human(available))
+    if not cfg.force_memory:
+        check_fits(est, here, available)
 
 
 def initial_images(cfg: Config, real: RealData, layout: ParallelLayout, norm: Normalizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the synthetic set's start, the random-real baseline): the same images unless distill.init=noise."""
-    c, ipc = cfg.dataset.num_classes, cfg.ipc
-    picked = norm(pick_real_init(real.images, real.labels, real.ids, c, ipc, cfg.seed, layout,
-                                 cfg.distill.small_class_policy))
+    """(the synthetic set's start, the random-real baseline), both ipc stored images per class.
+
+    The same images unless distill.init=noise or mix. `mix`: the f^2 tiles of each stored image are f^2 different
+    real images of its class (ipc * f^2 picked per class by the same global rule; tile 0 is the image `real` starts
+    from); with f = 1 it is `real`. The baseline is always ipc real images per class, undecoded: with
+    synthetic.factor f > 1 the distilled set trains on ipc * f^2 decoded images but stores only ipc per class, the
+    same budget as the baseline, which so stays the honest lower baseline at equal storage.
+    """
+    c, ipc, f = cfg.dataset.num_classes, cfg.ipc, cfg.synthetic.factor
+    cfg.synthetic.check(cfg.dataset.image_size)
+    mix = cfg.distill.init == "mix"
+    if cfg.method.name == "random" and f > 1 and not mix:
+        raise ConfigError("invalid config `synthetic.factor`: method=random stores real images as they are; with "
+                          f"synthetic.factor={f} their tiles would be decoded as crops. Set distill.init=mix (f^2 "
+                          "shrunk real images per stored image) or synthetic.factor=1")
+    k = ipc * f * f if mix else ipc
+    picks = pick_real_init(real.images, real.labels, real.ids, c, k, cfg.seed, layout, cfg.distill.small_class_policy,
+                           need=f"ipc * synthetic.factor^2={k} (distill.init=mix)" if k > ipc else None)
+    picked = norm(picks.reshape(c, k, *picks.shape[1:])[:, :ipc].flatten(0, 1))  # the first ipc: a pick of ipc
+    if mix:
+        return formation.mix(norm(mix_order(picks, c, ipc, f)), f), picked
     if cfg.distill.init == "noise" and cfg.method.name != "random":
         noise = torch.randn(picked.shape, generator=rng.generator(cfg.seed, 0, rng.INIT)).to(picked.device)
         return noise, picked
     return picked, picked
 
 
-def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None) -> dict:
-    """The whole job on this rank. Returns the results; {"preempted": True, ...} if `stop` cut it short."""
+def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """The whole job on this rank. Returns the results; {"preempted": True, ...} if `stop` cut it short.
+
+    Nothing is written to out_dir until the dataset, the memory estimate and the run directory have been checked
+    and the run has started (csdm_dist/rundir.py); the log lines until then are kept and written with the rest."""
+    with run_log(Path(cfg.out_dir), rt.rank) as started:
+        return _run(cfg, rt, stop, overrides, started)
+
+
+def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) -> dict:
     layout = ParallelLayout.from_world(cfg.parallel.replicas, rt.rank, rt.world_size)
     run_dir = Path(cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    real, manifest = load_real(cfg, layout, rt.device)
+    ddir = dataset_dir(cfg.dataset)
+    manifest = load_manifest(ddir, cfg.dataset)
+    check_dataset(cfg, manifest, ddir)
+    counts = manifest["train"]["counts"]
+    check_memory(cfg, rt, counts)
+    chash = config_hash(cfg)
+    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, cfg.distill.iterations, rt.rank, log)
+    if action == rundir.FINISHED and not cfg.reevaluate:
+        return report_finished(cfg, rt, run_dir, state.results)
+
+    real = load_real(cfg, layout, rt.device, manifest)
     norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, rt.device)
     init, picked = initial_images(cfg, real, layout, norm)
     syn = SyntheticSet.from_full(init, cfg.dataset.num_classes, cfg.ipc, layout)
-    resume_step = checkpoint.latest(run_dir / "checkpoints") if cfg.resume else None
-    logger = make_logger(run_dir / "tb", rt.is_main, purge_step=resume_step)
-    distiller = Distiller(cfg, rt, layout, real, syn, norm, logger, run_dir)
+    distiller = Distiller(cfg, rt, layout, real, syn, norm, NullLogger(), run_dir)
     if real.features is not None:
         if real.features.feats.shape[0] != len(distiller.extractor.pool):
             raise ValueError("the feature shards hold another number of pool members than extractor.pool_path")
         real.images = real.images[:0]  # the images served the initialisation; statistics come from the features
-    logger.text("run/real_source", cfg.real_source, 0)
 
-    t0 = time.perf_counter()
-    if cfg.method.name != "random" and not distiller.run(stop):
-        logger.close()
-        return {"preempted": True, "step": distiller.step}
-    distill_s = time.perf_counter() - t0
-    final = distiller.gather()
-    distiller.log_images(distiller.step, final)
-    labels = torch.arange(cfg.dataset.num_classes * cfg.ipc) // cfg.ipc
-    counts = manifest["train"]["counts"]
+    # the run has started: its records, its log file and TensorBoard
     if rt.is_main:
-        torch.save({"images": final.cpu(), "labels": labels, "class_counts": counts, "config": asdict(cfg),
-                    "mean": cfg.dataset.mean, "std": cfg.dataset.std}, run_dir / "distilled.pt")
-        save_image(norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
+        rundir.write_records(run_dir, asdict(cfg), chash, list(overrides), "running")
+    started()
+    # on resume, drop the events an interrupted segment logged past the checkpoint it resumes from
+    purge = None if action == rundir.FRESH else (0 if state.steps is None else state.steps + 1)
+    distiller.logger = logger = make_logger(run_dir / "tb", rt.is_main, purge_step=purge)
+    try:
+        results = distil_and_evaluate(cfg, rt, distiller, picked, counts, logger, stop)
+    finally:
+        logger.close()
+    if rt.is_main and not results.get("preempted"):
+        rundir.write_status(run_dir, chash, "finished")
+    return results
+
+
+def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: torch.Tensor, counts: list[int],
+                        logger, stop: StopSignal | None) -> dict:
+    run_dir = Path(cfg.out_dir)
+    logger.text("run/real_source", cfg.real_source, 0)
+    try:
+        if cfg.method.name != "random" and not distiller.run(stop):
+            return {"preempted": True, "step": distiller.step}
+    except KeyboardInterrupt:
+        done = checkpoint.latest(distiller.ckpt_root)
+        raise Interrupted(f"interrupted at step {distiller.step}; the same command resumes from step {done or 0}"
+                          + ("" if done else " (no checkpoint yet)")) from None
+    final = distiller.gather()
+    every = cfg.distill.image_every
+    took_steps = bool(distiller.step_times)  # in this segment (a finished run resumed for reevaluate takes none)
+    if distiller.step == 0 or (took_steps and not (every and distiller.step % every == 0)):
+        distiller.log_images(distiller.step, final)  # the loop has not logged the final images already
+    labels = torch.arange(cfg.dataset.num_classes * cfg.ipc) // cfg.ipc
+    if rt.is_main:  # the stored images (ipc per class) and their factor: formation.decode_set gives the samples
+        torch.save({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor, "class_counts": counts,
+                    "config": asdict(cfg), "mean": cfg.dataset.mean, "std": cfg.dataset.std},
+                   run_dir / "distilled.pt")
+        save_image(distiller.norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
                "real_source": cfg.real_source,
                "world_size": rt.world_size, "hardware": hardware(rt.device), "class_counts": counts,
-               "timing": {"distill_s": distill_s, "step_ms_median": distiller.step_ms_median(),
+               "timing": {"distill_s": distiller.elapsed_s, "step_ms_median": distiller.step_ms_median(),
                           "steps": distiller.step}}
     if cfg.evaluate:
         t1 = time.perf_counter()
-        test = read_split(dataset_dir(cfg.dataset), "test", 0, 1)
-        args = (test.images, test.labels, norm, counts, cfg.eval, cfg.extractor, cfg.dataset.image_size, cfg.seed,
-                rt.rank, rt.world_size, rt.device)
-        results["accuracy"] = evaluate_set(final, labels, *args, name=cfg.method.name)
-        if cfg.baseline and cfg.method.name != "random":
-            results["baseline_random"] = evaluate_set(picked, labels, *args, name="random")
+        try:
+            test = read_split(dataset_dir(cfg.dataset), cfg.eval.split, 0, 1, cfg=cfg.dataset)
+            args = (test.images, test.labels, distiller.norm, counts, cfg.eval, cfg.extractor,
+                    cfg.dataset.image_size, cfg.seed, rt.rank, rt.world_size, rt.device)
+            # the distilled set trains on its decoded samples (ipc * f^2 per class); the baseline on its ipc images
+            results["accuracy"] = evaluate_set(*formation.decode_set(final, labels, cfg.synthetic.factor), *args,
+                                               name=cfg.method.name)
+            if cfg.baseline and cfg.method.name != "random":
+                results["baseline_random"] = evaluate_set(picked, labels, *args, name="random")
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while evaluating; distillation is complete (step {distiller.step}) and "
+                              f"the same command evaluates it again") from None
         results["timing"]["eval_s"] = time.perf_counter() - t1
-        logger.scalar("eval/accuracy", results["accuracy"]["mean"], distiller.step)
-        for g in ("many", "medium", "few"):
-            logger.scalar(f"eval/{g}", results["accuracy"][g], distiller.step)
+        for key, tag in (("accuracy", "eval"), ("baseline_random", "eval_random")):
+            if key in results:
+                for g in ("mean", "many", "medium", "few"):
+                    logger.scalar(f"{tag}/{'accuracy' if g == 'mean' else g}", results[key][g], distiller.step)
     results["peak_memory"] = peak_memory_mb(rt.device)
     if rt.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         print(results_table(results, cfg))
-        print(f"\nrun directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
-    logger.close()
+        print(f"\nrun directory: {run_dir}\nTensorBoard:   {tensorboard_command(run_dir)}")
     return results
+
+
+def report_finished(cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
+    """A finished run of this configuration: say so and print its table; evaluate nothing."""
+    if rt.is_main:
+        print(f"{run_dir} holds this finished run ({results['timing']['steps']} steps); nothing to do. Its results "
+              f"({run_dir / 'results.json'}):")
+        stored = results.get("config", {}).get("eval")
+        if stored is not None and stored != asdict(cfg.eval):
+            print("note: the eval settings differ from the ones these results were made with; pass "
+                  "reevaluate=true to evaluate with the new ones")
+        if "accuracy" not in results and cfg.evaluate:
+            print("note: this run was not evaluated; pass reevaluate=true to evaluate it")
+        print(results_table(results, to_config(results["config"]) if "config" in results else cfg))
+        print(f"\nrun directory: {run_dir}\nTensorBoard:   {tensorboard_command(run_dir)}")
+    return results
+
+
+def tensorboard_command(run_dir: Path) -> str:
+    """A TensorBoard command that works as printed: the venv's own script when it is not on PATH."""
+    exe = shutil.which("tensorboard") or str(Path(sys.executable).with_name("tensorboard"))
+    return f"{exe if Path(exe).is_file() else 'tensorboard'} --logdir {run_dir / 'tb'}"
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path, rank: int):
+    """This rank's log file `distill-rank<R>.log` in the run directory. Records are held in memory until the
+    yielded `started()` is called, which opens the file and writes them; a run that never starts writes none."""
+    root = logging.getLogger()
+    console = next((h for h in root.handlers if h.formatter is not None), None)
+    held = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)  # no target yet: holds
+    root.addHandler(held)
+
+    def started() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / f"distill-rank{rank}.log")
+        file.setFormatter(console.formatter if console else
+                          logging.Formatter(f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] %(message)s"))
+        held.setTarget(file)
+        held.capacity = 1  # from now on every record goes straight to the file
+        held.flush()
+
+    try:
+        yield started
+    finally:
+        root.removeHandler(held)
+        if held.target is not None:
+            held.flush()
+            held.target.close()
+        held.close()
 
 
 def results_table(results: dict, cfg: Config) -> str:
@@ -140,18 +280,20 @@ def results_table(results: dict, cfg: Config) -> str:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg = to_config(dcfg)
-    torch.manual_seed(cfg.seed)
-    rt = init_distributed(cfg.device)
-    stop = StopSignal()
-    try:
-        run(cfg, rt, stop)
-    except Exception:
-        log.exception("rank %d failed", rt.rank)
-        raise
-    finally:
-        stop.restore()
-        close_distributed()
+    from hydra.core.hydra_config import HydraConfig
+
+    with one_line_errors(log):
+        cfg = to_config(dcfg)
+        torch.manual_seed(cfg.seed)
+        rt = init_distributed(cfg.device)
+        stop = StopSignal()
+        try:
+            result = run(cfg, rt, stop, overrides=list(HydraConfig.get().overrides.task))
+        finally:
+            stop.restore()
+            close_distributed()
+    if result.get("preempted"):
+        raise SystemExit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

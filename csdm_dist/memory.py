@@ -110,8 +110,10 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
                  f"{num_real} images / {shards} shards x {d.channels} x {d.image_size} x {d.image_size} uint8"))
     rows.append(("full set (init, final gather)", c * ipc * ch_hw * 4, f"{fmt} x 4 B, briefly"))
     kept, peak = activation_bytes(cfg)
-    n_syn = math.ceil(c * ipc / shards)
-    rows.append(("activations, synthetic", n_syn * kept, f"{n_syn} images x {human(kept)} kept for the backward"))
+    f2 = cfg.synthetic.factor ** 2  # multi-formation: every stored image is decoded into f^2 images
+    n_syn = math.ceil(c * ipc / shards) * f2
+    rows.append(("activations, synthetic", n_syn * kept, f"{n_syn} images" + (f" (x{f2} decoded)" if f2 > 1 else "")
+                 + f" x {human(kept)} kept for the backward"))
     if real_batch is None:
         real_batch = min(num_real, c * cfg.distill.real_per_class)
     n_real = math.ceil(real_batch / shards)
@@ -119,3 +121,35 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
     rows.append(("activations, real (no grad)", n_live * peak,
                  f"~{n_real} images per step, {n_live} at a time (distill.real_chunk) x {human(peak)} peak"))
     return MemoryEstimate(tuple(rows), world_size, replicas, shards)
+
+
+def estimate_from_counts(cfg: Config, world_size: int, counts: list[int]) -> MemoryEstimate:
+    """The estimate for a dataset with these per-class real counts (its manifest's): the real store holds them all,
+    and a step draws min(n_c, real_per_class) images of class c in expectation."""
+    real_batch = sum(min(int(n), cfg.distill.real_per_class) for n in counts)
+    return estimate_memory(cfg, world_size, int(sum(counts)), real_batch)
+
+
+def available_bytes(device_type: str, device_index: int | None = None) -> int:
+    """Memory free for this run now: host memory available (CPU), or free memory on the CUDA device."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device_index)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(est: MemoryEstimate, ranks_here: int, available: int) -> None:
+    """ConfigError when `ranks_here` ranks of this estimate do not fit in `available` bytes."""
+    from .config import ConfigError
+
+    need = est.total * ranks_here
+    if need > available:
+        per = f" ({human(est.total)} per rank x {ranks_here} ranks here)" if ranks_here > 1 else ""
+        top = max(est.rows, key=lambda r: r[1])
+        raise ConfigError(f"invalid config `force_memory`: the memory estimate {human(need)}{per} exceeds the "
+                          f"{human(available)} available; the largest item is {top[0]} ({human(top[1])}: {top[2]}). "
+                          f"Lower ipc (or the settings behind that item), use more ranks, or pass force_memory=true "
+                          f"to start anyway (the estimate is not a bound)")

@@ -14,13 +14,15 @@ import torch
 from .config import Config
 
 # keys that change neither the data nor the distilled images: excluded from the hash that resume checks
-_NOT_HASHED = {"resume", "evaluate", "baseline", "eval", "device", "out_dir"}
+_NOT_HASHED = {"resume", "overwrite", "reevaluate", "force_memory", "evaluate", "baseline", "eval", "device", "out_dir"}
 _NOT_HASHED_DISTILL = {"iterations", "log_every", "image_every", "checkpoint_every", "keep_checkpoints"}
 
 
 def config_hash(cfg: Config) -> str:
     d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
-    d["distill"] = {k: v for k, v in d["distill"].items() if k not in _NOT_HASHED_DISTILL}
+    # a schedule makes the lr of every step depend on the budget: then `iterations` shapes the result too
+    skip = _NOT_HASHED_DISTILL - ({"iterations"} if cfg.distill.lr_schedule != "constant" else set())
+    d["distill"] = {k: v for k, v in d["distill"].items() if k not in skip}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

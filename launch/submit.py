@@ -195,19 +195,18 @@ def real_class_counts(cfg: Config) -> tuple[list[int] | None, str]:
 
 def check_dataset(cfg: Config, dataset_choice: str) -> dict:
     """The built dataset's manifest, or a FileNotFoundError naming the path and the build command."""
+    from csdm_dist.data.manifest import build_command
     from csdm_dist.data.shards import MANIFEST, dataset_dir, load_manifest
 
     root, ddir = Path(cfg.dataset.data_root), dataset_dir(cfg.dataset)
-    build = f"python -m data_prep.build dataset={dataset_choice} dataset.data_root={root}"
-    if cfg.dataset.source != "imagenet_lt":
-        build += f" dataset.imbalance_factor={cfg.dataset.imbalance_factor:g}"
+    build = build_command(cfg.dataset, dataset_choice)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.data_root={root} does not exist. Point it at the shared folder holding the "
                                 f"built datasets (every node must see the same path), or build into it with `{build}`")
     if not (ddir / MANIFEST).is_file():
         raise FileNotFoundError(f"no built dataset at {ddir} ({MANIFEST} missing). Build it first on a machine that "
                                 f"sees the shared filesystem: `{build}`")
-    return load_manifest(ddir)
+    return load_manifest(ddir, cfg.dataset, dataset_choice)
 
 
 def check_layout(cfg: Config, cluster: ClusterConfig, manifest: dict | None) -> None:
@@ -285,6 +284,21 @@ def sbatch_script(executor: submitit.SlurmExecutor) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
+def claim_run_dir(cfg: Config, job: dict[str, Any], logger: logging.Logger) -> None:
+    """Refuse before submitting what the job would refuse (csdm_dist/rundir.py); under overwrite=true move the old
+    run aside here, so that the job, and every requeue of it, resumes its own run only."""
+    from csdm_dist import rundir
+    from csdm_dist.runinfo import config_hash
+
+    run_dir = Path(cfg.out_dir)
+    state = rundir.check_free(run_dir, config_hash(cfg), cfg.resume, cfg.overwrite, cfg.distill.iterations)
+    if state.is_run and (cfg.overwrite and (not cfg.resume or state.config_hash != config_hash(cfg))):
+        aside = rundir.aside_path(run_dir)
+        run_dir.rename(aside)
+        logger.warning("overwrite=true: moved the old run in %s aside to %s", run_dir, aside)
+    job["overwrite"], job["resume"] = False, True
+
+
 def write_run_record(run_dir: Path, dcfg: DictConfig, job: dict[str, Any], cluster: ClusterConfig) -> None:
     from csdm_dist.runinfo import git_commit
 
@@ -320,6 +334,7 @@ def submit(dcfg: DictConfig, dataset_choice: str | None = None) -> submitit.Job 
         print(f"\n--- dry run: nothing submitted; the sbatch script would be ---\n{text}" if cluster.name == "slurm"
               else f"\n--- dry run: nothing submitted {text} ---")
         return text
+    claim_run_dir(cfg, job, log)
     write_run_record(run_dir, dcfg, job, cluster)
     submitted = executor.submit(DistillJob(job, asdict(cluster)))
     print(f"submitted job {submitted.job_id}\n  logs:        {submitted.paths.stdout} (task 0; %t = task)"
@@ -337,7 +352,10 @@ def submit(dcfg: DictConfig, dataset_choice: str | None = None) -> submitit.Job 
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    submit(dcfg, HydraConfig.get().runtime.choices.get("dataset"))
+    from csdm_dist.errors import one_line_errors
+
+    with one_line_errors(log):
+        submit(dcfg, HydraConfig.get().runtime.choices.get("dataset"))
 
 
 def cli() -> None:

@@ -1,0 +1,74 @@
+"""How the entry points fail: input errors as one line, exit codes that tell a stopped run from a finished one.
+
+Exit codes (docs/failures.md):
+- 0: finished;
+- 1: an unexpected error (its traceback is printed once, by each failing rank);
+- 2: a configuration or input error (one line, from rank 0 when every rank has the same error);
+- 3: stopped on request (SIGUSR1) at a step boundary, with a checkpoint: the same command resumes;
+- 130: interrupted (Ctrl-C): the same command resumes from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Iterator
+
+EXIT_ERROR, EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class UserError(Exception):
+    """Something the user can fix (a config value, a missing or damaged input, a run directory in the way).
+
+    The message says what is wrong and what to do. `same_on_every_rank`: every rank meets it (so only rank 0
+    prints it); a rank-local problem, such as one damaged shard, is printed by the rank that meets it."""
+
+    same_on_every_rank = True
+
+
+class RunDirError(UserError, ValueError):
+    """The run directory holds something this run must not touch or mix with."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; carries what to tell the user."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .data.shards import ShardError
+
+    return UserError, ShardError, FileNotFoundError
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+@contextlib.contextmanager
+def one_line_errors(log: logging.Logger) -> Iterator[None]:
+    """Around an entry point's body: input errors -> one line on stderr and exit 2 (the traceback only with
+    HYDRA_FULL_ERROR=1); Ctrl-C -> one line and exit 130; anything else -> its traceback once, exit 1."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt) as e:
+        msg = str(e) if isinstance(e, Interrupted) else "interrupted"
+        if _rank() == 0:
+            print(f"\n{msg}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except _user_error_types() as e:
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        every_rank = getattr(e, "same_on_every_rank", False)
+        rank = _rank()
+        if full:
+            log.exception("rank %d: %s", rank, e)
+        elif rank == 0 or not every_rank:
+            where = "" if rank == 0 else f"(rank {rank}) "
+            print(f"error: {where}{e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INPUT) from None
+    except Exception:
+        log.exception("rank %d failed", _rank())
+        raise SystemExit(EXIT_ERROR) from None

@@ -1,0 +1,147 @@
+"""The run directory: what it holds, whether this run may use it, and the records a started run writes.
+
+Rules (docs/failures.md):
+- a folder without a run in it (no run.json, results.json, distilled.pt, checkpoints/ or tb/) is used as it is;
+- a run of the same configuration (config hash) is resumed (`resume=true`), or reported as finished when it is;
+- a run of another configuration, or any run under `resume=false`, is refused, unless `overwrite=true`, which
+  moves the old run aside to `<out_dir>.old-<time>` (nothing is deleted);
+- nothing is written into the folder before that decision, and the records (run.json, config.yaml,
+  overrides.yaml, the log) only once the run has started, so a refused or failed start leaves the folder as it was.
+
+Only rank 0 looks and acts; the others take its decision (one broadcast).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from . import checkpoint
+from .errors import RunDirError
+
+RUN_RECORD = "run.json"
+RESULTS = "results.json"
+_RUN_MARKERS = (RUN_RECORD, RESULTS, "distilled.pt", "checkpoints", "tb")
+
+FRESH, RESUME, FINISHED = "fresh", "resume", "finished"
+
+
+@dataclass(frozen=True)
+class RunDirState:
+    """What a run directory holds (rank 0's view of the filesystem)."""
+    is_run: bool
+    config_hash: Optional[str]  # of the run in it (run.json, else results.json, else its newest checkpoint)
+    steps: Optional[int]  # newest complete checkpoint
+    results: Optional[dict]  # results.json, if the run finished
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}); the run directory is damaged: move it away or pass "
+                          f"overwrite=true to move it aside") from None
+
+
+def inspect(run_dir: Path) -> RunDirState:
+    if not run_dir.is_dir() or not any((run_dir / m).exists() for m in _RUN_MARKERS):
+        return RunDirState(False, None, None, None)
+    record, results = _read_json(run_dir / RUN_RECORD), _read_json(run_dir / RESULTS)
+    steps = checkpoint.latest(run_dir / "checkpoints")
+    ckpt = _read_json(checkpoint.step_dir(run_dir / "checkpoints", steps) / "meta.json") if steps is not None else None
+    found = [d.get("config_hash") for d in (record, results, ckpt) if d]
+    return RunDirState(True, next((h for h in found if h), None), steps, results)
+
+
+def aside_path(run_dir: Path, now: Optional[float] = None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    k = 1
+    while path.exists():
+        path, k = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{k}"), k + 1
+    return path
+
+
+def decide(run_dir: Path, state: RunDirState, config_hash: str, resume: bool, overwrite: bool,
+           iterations: int) -> str:
+    """FRESH, RESUME or FINISHED for this run in `run_dir`, or a RunDirError saying why not and what to do.
+    FRESH with `state.is_run` means: move the old run aside first (overwrite=true)."""
+    if not state.is_run:
+        return FRESH
+    what = ("a finished run" if state.results is not None else
+            f"a run at step {state.steps}" if state.steps is not None else "a started run")
+    if state.config_hash != config_hash or not resume:
+        if overwrite:
+            return FRESH
+        aside = f"pass overwrite=true to move it aside to {run_dir}.old-<time> and start afresh"
+        if state.config_hash != config_hash:
+            theirs = state.config_hash or "unknown"
+            raise RunDirError(f"out_dir {run_dir} holds {what} of another configuration (config hash {theirs}, this "
+                              f"run {config_hash}); nothing was written. Choose another out_dir, or {aside}")
+        raise RunDirError(f"out_dir {run_dir} holds {what} of this configuration and resume=false would start "
+                          f"afresh in it; nothing was written. Drop resume=false to continue it, or {aside}")
+    if state.steps is not None and state.steps > iterations:
+        raise RunDirError(f"out_dir {run_dir} holds a run at step {state.steps}, past distill.iterations="
+                          f"{iterations}; pass distill.iterations>={state.steps}, or use another out_dir")
+    if state.results is not None and state.results.get("timing", {}).get("steps") == iterations:
+        return FINISHED
+    return RESUME
+
+
+def prepare(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iterations: int, rank: int,
+            log: logging.Logger) -> tuple[str, RunDirState]:
+    """Rank 0 inspects and decides (moving an old run aside under overwrite=true); every rank gets the decision
+    or the same RunDirError. Collective over the default group."""
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            state = inspect(run_dir)
+            action = decide(run_dir, state, config_hash, resume, overwrite, iterations)
+            if action == FRESH and state.is_run:
+                aside = aside_path(run_dir)
+                run_dir.rename(aside)
+                log.warning("overwrite=true: moved the old run in %s aside to %s", run_dir, aside)
+                state = RunDirState(False, None, None, None)
+            payload[0] = (action, state)
+        except RunDirError as e:
+            payload[0] = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise RunDirError(payload[0])
+    action, state = payload[0]
+    return action, state
+
+
+def write_records(run_dir: Path, config: dict, config_hash: str, overrides: list[str], status: str) -> None:
+    """run.json (identity and status), config.yaml (the resolved config) and overrides.yaml (the command line)."""
+    from omegaconf import OmegaConf
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, config_hash, status)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(overrides)))
+
+
+def write_status(run_dir: Path, config_hash: str, status: str) -> None:
+    path = run_dir / RUN_RECORD
+    old = _read_json(path) or {}
+    record = {"config_hash": config_hash, "status": status, "created": old.get("created", time.time()),
+              "updated": time.time()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def check_free(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iterations: int) -> RunDirState:
+    """For launchers: raise the RunDirError this run would meet in `run_dir`, without touching anything."""
+    state = inspect(run_dir)
+    decide(run_dir, state, config_hash, resume, overwrite, iterations)
+    return state

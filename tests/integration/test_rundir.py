@@ -1,0 +1,149 @@
+"""Run directories you can trust (in-process): a refused run changes nothing, starting afresh never mixes two runs,
+the default out_dir names what a user sweeps, a finished run is reported rather than redone, typos and runs that
+cannot fit are refused at start-up, and a failed start leaves nothing behind. docs/failures.md lists the rules."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from csdm_dist import checkpoint
+from csdm_dist.cluster import register_cluster_configs, split_submit_config
+from csdm_dist.config import ConfigError, run_name, to_config
+from csdm_dist.errors import RunDirError
+from runs import TINY, compose_cfg, distil
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` -> sha256 of its bytes (and so: nothing added, removed or changed)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_writes_nothing(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    common = data_overrides + TINY + ["distill.iterations=3", f"out_dir={out}"]
+    distil(common)
+    before = snapshot(out)
+    assert "run.json" in before and "config.yaml" in before and "distill-rank0.log" in before
+    with pytest.raises(RunDirError, match="another configuration .*nothing was written.*overwrite=true"):
+        distil(common + ["method.kernel.bandwidth=2.0"])
+    assert snapshot(out) == before
+
+
+def test_starting_afresh_moves_the_old_run_aside(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    common = data_overrides + TINY + ["evaluate=false", "distill.checkpoint_every=2", "distill.keep_checkpoints=1",
+                                      f"out_dir={out}"]
+    distil(common + ["distill.iterations=4"])
+    old = snapshot(out)
+    with pytest.raises(RunDirError, match="resume=false would start afresh"):
+        distil(common + ["distill.iterations=3", "resume=false"])
+    assert snapshot(out) == old
+    _, res = distil(common + ["distill.iterations=3", "resume=false", "overwrite=true", "seed=1"])
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == old  # the old run, whole and untouched
+    assert res["timing"]["steps"] == 3 and checkpoint.complete_steps(out / "checkpoints") == [3]
+    assert json.loads((out / "results.json").read_text())["seed"] == 1
+
+
+def test_pruning_keeps_another_runs_checkpoints(tmp_path):
+    import torch.distributed as dist
+
+    from csdm_dist.dist import close_distributed, init_distributed
+
+    def write(meta_hash, step):
+        d = checkpoint.step_dir(tmp_path, step)
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"config_hash": meta_hash, "step": step}))
+
+    write("other", 100)
+    write("other", 200)
+    init_distributed("cpu")
+    try:
+        assert dist.is_initialized()
+        for step in (1, 2, 3):
+            checkpoint.save(tmp_path, step, 0, lambda p: p.mkdir(parents=True), {"config_hash": "mine"}, keep=1)
+    finally:
+        close_distributed()
+    assert checkpoint.complete_steps(tmp_path) == [3, 100, 200]
+    assert checkpoint.complete_steps(tmp_path, "mine") == [3]
+
+
+def test_default_out_dir_names_what_is_swept():
+    dirs = {to_config(compose_cfg(o)).out_dir for o in
+            ([], ["dataset.imbalance_factor=10"], ["ipc=50"], ["seed=1"], ["method=dm"])}
+    assert len(dirs) == 5
+    cfg = to_config(compose_cfg(["dataset.imbalance_factor=10"]))
+    assert cfg.out_dir == "runs/fashion_mnist_lt/csdm-ipc10-if10-seed0" == f"runs/fashion_mnist_lt/{run_name(cfg)}"
+    register_cluster_configs()
+    job, _, _ = split_submit_config(compose_cfg(["dataset.imbalance_factor=10", "cluster.output_root=/x"],
+                                                name="submit"))
+    assert job.out_dir == f"/x/fashion_mnist_lt/{run_name(cfg)}"  # launch/submit.py: the same rule
+
+
+def test_a_finished_run_is_reported_not_redone(data_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = data_overrides + TINY + ["distill.iterations=3", f"out_dir={out}"]
+    _, first = distil(common)
+    before = snapshot(out)
+    capsys.readouterr()
+    _, again = distil(common)
+    text = capsys.readouterr().out
+    assert "finished run" in text and "| csdm |" in text
+    assert snapshot(out) == before and again["accuracy"] == first["accuracy"]
+    _, redone = distil(common + ["reevaluate=true", "eval.epochs=1"])  # re-evaluate only when asked
+    assert redone["timing"]["distill_s"] == first["timing"]["distill_s"]  # the distillation time is the run's
+    assert redone["config"]["eval"]["epochs"] == 1
+
+
+def test_distillation_time_adds_up_over_resumed_segments(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    common = data_overrides + TINY + ["evaluate=false", "distill.checkpoint_every=3", f"out_dir={out}"]
+    distil(common + ["distill.iterations=3"])
+    state = torch.load(out / "checkpoints" / "step-000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    first = state["client_state"]["elapsed_s"] if "client_state" in state else state["elapsed_s"]
+    _, res = distil(common + ["distill.iterations=6"])
+    assert res["timing"]["steps"] == 6 and res["timing"]["distill_s"] > first > 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+foo=1", "unknown config key `foo`"),
+    ("+distill.iteratons=5", r"`distill.iteratons` \(did you mean `distill.iterations`\?\)"),
+    ("+method.kernel.bandwith=2", r"did you mean `method.kernel.bandwidth`"),
+])
+def test_unknown_keys_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        to_config(compose_cfg([override]))
+
+
+def test_free_form_keys_stay_free():
+    cfg = to_config(compose_cfg(["+deepspeed.extra.wall_clock_breakdown=true"]))
+    assert cfg.deepspeed.extra == {"wall_clock_breakdown": True}
+
+
+def test_a_run_that_cannot_fit_is_refused_before_anything(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"memory estimate .* exceeds the .* available.*force_memory=true"):
+        distil(data_overrides + TINY + ["ipc=100000", f"out_dir={out}"])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [["dataset.data_root=/nonexistent/data"],
+                                 ["extractor.mode=pool", "extractor.pool_path=/nonexistent/pool.pt"]])
+def test_a_failed_start_leaves_nothing(data_overrides, tmp_path, bad):
+    out = tmp_path / "run"
+    with pytest.raises((FileNotFoundError, OSError, ValueError)):
+        distil(data_overrides + TINY + ["distill.iterations=2", f"out_dir={out}"] + bad)
+    assert not out.exists()
+
+
+def test_tensorboard_holds_the_baseline_and_one_final_grid(data_overrides, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    distil(data_overrides + TINY + ["distill.iterations=3", "distill.image_every=3", f"out_dir={out}"])
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert {"eval/accuracy", "eval_random/accuracy", "eval_random/few"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Images("synthetic/all")] == [3]
