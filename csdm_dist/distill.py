@@ -92,7 +92,6 @@ def initial_images(cfg: Config, real: RealData, layout: ParallelLayout, norm: No
     same budget as the baseline, which so stays the honest lower baseline at equal storage.
     """
     c, ipc, f = cfg.dataset.num_classes, cfg.ipc, cfg.synthetic.factor
-    cfg.synthetic.check(cfg.dataset.image_size)
     mix = cfg.distill.init == "mix"
     if cfg.method.name == "random" and f > 1 and not mix:
         raise ConfigError("invalid config `synthetic.factor`: method=random stores real images as they are; with "

@@ -77,7 +77,6 @@ class Distiller:
         # expected real images per class per step: each image is kept with probability p_c
         self.keep_prob = (cfg.distill.real_per_class / real.counts.float()).clamp(max=1.0).to(rt.device)
         # multi-formation: each stored image decodes into f^2 samples of its class, keyed by their own global ids
-        cfg.synthetic.check(d.image_size)
         self.factor = f = cfg.synthetic.factor
         self.decoded_ids = formation.decoded_ids(syn.ids, f)
         self.decoded_labels = formation.decoded_labels(syn.labels, f)

@@ -102,14 +102,7 @@ def prepare(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iter
     payload: list[Any] = [None]
     if rank == 0:
         try:
-            state = inspect(run_dir)
-            action = decide(run_dir, state, config_hash, resume, overwrite, iterations)
-            if action == FRESH and state.is_run:
-                aside = aside_path(run_dir)
-                run_dir.rename(aside)
-                log.warning("overwrite=true: moved the old run in %s aside to %s", run_dir, aside)
-                state = RunDirState(False, None, None, None)
-            payload[0] = (action, state)
+            payload[0] = claim(run_dir, config_hash, resume, overwrite, iterations, log)
         except RunDirError as e:
             payload[0] = str(e)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -140,8 +133,14 @@ def write_status(run_dir: Path, config_hash: str, status: str) -> None:
     tmp.replace(path)
 
 
-def check_free(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iterations: int) -> RunDirState:
-    """For launchers: raise the RunDirError this run would meet in `run_dir`, without touching anything."""
+def claim(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iterations: int,
+          log: logging.Logger) -> tuple[str, RunDirState]:
+    """Inspect and decide; a FRESH start over an old run (overwrite=true) moves that run aside first."""
     state = inspect(run_dir)
-    decide(run_dir, state, config_hash, resume, overwrite, iterations)
-    return state
+    action = decide(run_dir, state, config_hash, resume, overwrite, iterations)
+    if action == FRESH and state.is_run:
+        aside = aside_path(run_dir)
+        run_dir.rename(aside)
+        log.warning("overwrite=true: moved the old run in %s aside to %s", run_dir, aside)
+        state = RunDirState(False, None, None, None)
+    return action, state

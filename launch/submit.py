@@ -290,12 +290,7 @@ def claim_run_dir(cfg: Config, job: dict[str, Any], logger: logging.Logger) -> N
     from csdm_dist import rundir
     from csdm_dist.runinfo import config_hash
 
-    run_dir = Path(cfg.out_dir)
-    state = rundir.check_free(run_dir, config_hash(cfg), cfg.resume, cfg.overwrite, cfg.distill.iterations)
-    if state.is_run and (cfg.overwrite and (not cfg.resume or state.config_hash != config_hash(cfg))):
-        aside = rundir.aside_path(run_dir)
-        run_dir.rename(aside)
-        logger.warning("overwrite=true: moved the old run in %s aside to %s", run_dir, aside)
+    rundir.claim(Path(cfg.out_dir), config_hash(cfg), cfg.resume, cfg.overwrite, cfg.distill.iterations, logger)
     job["overwrite"], job["resume"] = False, True
 
 
