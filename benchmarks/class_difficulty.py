@@ -72,6 +72,7 @@ def train_network(x, y, data, args, seed: int, device):
     """A fresh ConvNet trained on all of (x, y) for args.epochs epochs."""
     import torch
     import torch.nn.functional as F
+    from tqdm import tqdm
 
     from csdm_dist.models import build_network, reinit_
 
@@ -84,15 +85,20 @@ def train_network(x, y, data, args, seed: int, device):
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
     x, y = x.to(device), y.to(device)
-    for _ in range(args.epochs):
+    bar = tqdm(total=args.epochs * -(-len(y) // args.batch_size), desc=f"network seed {seed}", unit="batch",
+               dynamic_ncols=True)
+    for epoch in range(args.epochs):
+        bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}")
         perm = torch.randperm(len(y), generator=g).to(device)
         for i in range(0, len(y), args.batch_size):
+            bar.update()
             idx = perm[i:i + args.batch_size]
             loss = F.cross_entropy(net((x[idx].float() / 255 - mean) / std), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         sched.step()
+    bar.close()
     return net.eval(), mean, std
 
 

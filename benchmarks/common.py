@@ -40,6 +40,9 @@ def class_counts(cfg) -> list[int]:
     from csdm_dist.data.longtail import longtail_counts
 
     d = cfg.dataset
+    if d.imbalance_factor is None:
+        raise SystemExit("the benchmarks draw their class counts from the IF formula: pass dataset.imbalance_factor=N "
+                         "(natural counts, imbalance_factor=null, are known only once a dataset is built)")
     n_max = d.n_max or RAW_N_MAX.get(d.source)
     if n_max is None:
         raise SystemExit(f"no head-class count known for {d.source}: pass the override dataset.n_max=N")

@@ -1,54 +1,72 @@
-"""Distilled-set quality on Fashion-MNIST-LT: methods x imbalance factors, one evaluation protocol for all.
+"""Distilled-set quality on Fashion-MNIST-LT: class orders x imbalance factors x IPC x methods x seeds, one
+evaluation protocol for all.
 
-    .venv/bin/python benchmarks/quality.py --quick            # CPU, under 15 minutes
-    .venv/bin/python benchmarks/quality.py                    # full mode (meant for a GPU)
-    .venv/bin/python benchmarks/quality.py --methods random dm ncfm csdm --seeds 0 1   # the README's CPU table
-    .venv/bin/python benchmarks/quality.py --out-dir DIR --if 10 100 --methods csdm dm -- method.kernel.bandwidth=0.5
+    .venv/bin/python benchmarks/quality.py --quick                       # CPU, under 15 minutes
+    .venv/bin/python benchmarks/quality.py --split val --if 100 -- synthetic.factor=2 distill.init=mix   # ablation
+    .venv/bin/python benchmarks/quality.py --orders natural hardtail --seeds 0 1 2 --reuse \\
+        --results benchmarks/results/quality_full_cpu.json              # the README tables (split over --reuse runs)
 
-For each imbalance factor it builds the long-tailed shards (skipped when they exist), runs
-`python -m csdm_dist.distill` once per method (`random` is the IPC-random-real baseline: the starting point of
-every other method, the same images), and collects each run's results.json into a Markdown table and a JSON file.
-With several `--seeds`, each seed is a separate distillation (and random-real draw); a cell then reports the mean and
-std over seeds of each seed's mean over evaluation repeats. `--reuse` keeps a run whose results.json exists.
-`csdm-features` is CSDM with real_source=features: it pretrains a pool, extracts feature shards with it (both
-skipped when present) and distils against the exact full-data statistics of those fixed extractors.
-Every method is evaluated with the same protocol, epochs, repeats and seed. Extra arguments after `--` are Hydra
-overrides passed to every distillation (for ablations).
+For each class order (`natural`: configs/dataset/fashion_mnist_lt.yaml, `hardtail`: the hard classes in the tail,
+fashion_mnist_lt_hardtail.yaml) and imbalance factor it builds the long-tailed shards (skipped when they exist),
+then runs `python -m csdm_dist.distill` once per IPC, method and seed (`random` is the IPC-random-real baseline:
+the starting point of every other method, the same images and the same multi-formation). Every method gets the
+same overrides (factor, init, lr schedule, budget), the same evaluation protocol, epochs, repeats and split.
+`--split val` evaluates on the balanced validation split (choosing defaults); the tables are made with `test`.
+`--at-steps` also evaluates each run's set after those steps (eval.at_steps): accuracy against steps.
+
+Each cell reports the mean and std over seeds of each seed's mean over evaluation repeats, the many / medium / few
+groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
+difference to every other method, seed by seed (same seed: same real data, same starting images).
+`--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
+invocation would run (else it stops and says which keys differ). Extra arguments after `--` are Hydra overrides
+passed to every distillation.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from common import write_report
+from common import CONFIGS, machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("random", "dm", "ncfm", "csdm", "csdm-features")
+ORDERS = {"natural": "fashion_mnist_lt", "hardtail": "fashion_mnist_lt_hardtail"}
 MODES = {  # distill iterations, eval epochs, eval repeats
     "quick": {"distill.iterations": 60, "eval.epochs": 100, "eval.repeats": 1},
     "full": {"distill.iterations": 200, "eval.epochs": 300, "eval.repeats": 3},
 }
 POOL = {"quick": ["extractor.pool_size=1", "extractor.pool_epochs=2"],  # csdm-features: the fixed pool
         "full": ["extractor.pool_size=4", "extractor.pool_epochs=5"]}
+# config keys a reused run may differ in: where and how it ran, not what it computed
+RUN_ONLY = {"out_dir", "device", "resume", "overwrite", "reevaluate", "force_memory"}
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized settings (%s)" % MODES["quick"])
+    p.add_argument("--orders", nargs="+", default=["natural"], choices=list(ORDERS), help="class orders")
     p.add_argument("--if", dest="ifs", type=float, nargs="+", default=[10, 100, 200], help="imbalance factors")
+    p.add_argument("--ipc", type=int, nargs="+", default=[10], help="images per class (stored)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds; a cell averages them")
-    p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists instead of rerunning")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="evaluation split: val to choose settings, test for the reported tables")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the mode's)")
+    p.add_argument("--at-steps", type=int, nargs="+", default=[], help="also evaluate after these steps")
+    p.add_argument("--labels", choices=("hard",), default="hard", help="label track (hard labels only so far)")
+    p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists (config checked)")
     p.add_argument("--raw-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--data-root", default=str(ROOT / "data"))
     p.add_argument("--out-dir", type=Path, default=None, help="default: runs/quality-<mode>")
+    p.add_argument("--results", type=Path, default=None, help="also write the JSON here (and .md beside it)")
     p.add_argument("--device", default="auto")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -64,63 +82,144 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
 
 
+def settings_overrides(args, mode: str) -> list[str]:
+    """The mode's budget and protocol as overrides, with --steps, --split and --at-steps applied."""
+    s = dict(MODES[mode])
+    if args.steps is not None:
+        s["distill.iterations"] = args.steps
+    s["eval.split"] = args.split
+    if args.at_steps:
+        s["eval.at_steps"] = "[" + ",".join(str(x) for x in args.at_steps) + "]"
+    return [f"{k}={v}" for k, v in s.items()]
+
+
 def main(argv=None) -> dict:
     args, extra = parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = args.out_dir or ROOT / "runs" / f"quality-{mode}"
     out.mkdir(parents=True, exist_ok=True)
-    data = [f"dataset=fashion_mnist_lt", f"dataset.raw_root={args.raw_root}", f"dataset.data_root={args.data_root}"]
+    settings = settings_overrides(args, mode)
     rows, reused, t_start = [], 0, time.perf_counter()
-    for imb in args.ifs:
-        run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"], out / f"build-if{imb:g}.log")
-        for method in args.methods:
-            seeds = []
-            for seed in args.seeds:
-                run_dir = out / f"if{imb:g}" / method / f"seed{seed}"
-                if args.reuse and (run_dir / "results.json").is_file():
-                    reused += 1
-                    print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} seed {seed}: reusing {run_dir}")
-                else:
-                    print(f"[{time.perf_counter() - t_start:6.0f} s] IF {imb:g} {method} seed {seed} ...", flush=True)
-                    if run_dir.exists():  # this benchmark's own cell, rerun from scratch (a run refuses to mix)
-                        shutil.rmtree(run_dir)
-                    distil(data, imb, method, seed, args, mode, run_dir, extra, out)
-                res = json.loads((run_dir / "results.json").read_text())
-                acc = res["accuracy"]
-                seeds.append({"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"],
-                              "medium": acc["medium"], "few": acc["few"], "distill_s": res["timing"]["distill_s"],
-                              "eval_s": res["timing"]["eval_s"]})
-            rows.append({"imbalance_factor": imb, "method": method, **aggregate(seeds), "seeds": seeds})
+    for order in args.orders:
+        data = [f"dataset={ORDERS[order]}", f"dataset.raw_root={args.raw_root}", f"dataset.data_root={args.data_root}"]
+        for imb in args.ifs:
+            run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"],
+                out / f"build-{order}-if{imb:g}.log")
+            for ipc in args.ipc:
+                for method in args.methods:
+                    seeds = []
+                    for seed in args.seeds:
+                        cell = f"{order} IF {imb:g} IPC {ipc} {method} seed {seed}"
+                        run_dir = out / order / f"if{imb:g}" / f"ipc{ipc}" / method / f"seed{seed}"
+                        steps, distil = commands(data, order, imb, ipc, method, seed, args, mode, run_dir,
+                                                 settings + extra, out)
+                        if args.reuse and (run_dir / "results.json").is_file():
+                            check_reusable(run_dir, distil)
+                            reused += 1
+                            print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: reusing {run_dir}")
+                        else:
+                            print(f"[{time.perf_counter() - t_start:6.0f} s] {cell} ...", flush=True)
+                            if run_dir.exists():  # this benchmark's own cell, rerun from scratch
+                                shutil.rmtree(run_dir)
+                            for cmd, log in steps:
+                                run(cmd, log)
+                        seeds.append(seed_result(seed, json.loads((run_dir / "results.json").read_text())))
+                    rows.append(cell_row(order, imb, ipc, method, args.labels, seeds))
     table = markdown(rows, args, mode, extra)
-    report = {"mode": mode, "settings": MODES[mode], "extra_overrides": extra, "ipc": args.ipc, "seeds": args.seeds,
-              "protocol": "dm", "rows": rows, "total_s": time.perf_counter() - t_start,
-              "reused_runs": reused}  # total_s excludes the reused runs: their times are in rows[*].seeds
+    report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
+              "protocol": "dm", "seeds": args.seeds, "extra_overrides": extra, "settings": settings,
+              "date": datetime.date.today().isoformat(), "machine": machine_info(), "rows": rows,
+              "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in the rows
+              "reused_runs": reused}
     print(table)
-    (out / "quality.md").write_text(table + "\n")
-    print(f"\nwrote {out / 'quality.md'} in {report['total_s']:.0f} s")
-    write_report(out / "quality.json", report)
+    for path in [out / "quality.json", args.results]:
+        if path is not None:
+            path.with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".md").write_text(table + "\n")
+            write_report(path, report)
     return report
 
 
-def distil(data: list[str], imb: float, method: str, seed: int, args, mode: str, run_dir: Path, extra: list[str],
-           out: Path) -> None:
-    """One distillation + evaluation of `method` at imbalance factor `imb` into run_dir."""
+def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, overrides: list[str],
+             out: Path) -> tuple[list, list[str]]:
+    """One run: the (command, log file) steps to execute, and the distillation's overrides (for the reuse check)."""
     py = sys.executable
     common = [*data, f"dataset.imbalance_factor={imb:g}", f"seed={seed}", f"device={args.device}"]
-    source = []
+    steps, source = [], []
     if method == "csdm-features":
-        pool = Path(args.data_root) / "pools" / f"fmnist-if{imb:g}-{mode}-s{seed}.pt"
+        pool = Path(args.data_root) / "pools" / f"fmnist-{order}-if{imb:g}-{mode}-s{seed}.pt"
         source = ["extractor.mode=pool", "extractor.interpolate=false", f"extractor.pool_path={pool}"]
         if not pool.is_file():
-            run([py, "-m", "csdm_dist.pretrain", *common, *POOL[mode], f"extractor.pool_path={pool}", *extra],
-                out / f"if{imb:g}-s{seed}-pretrain.log")
-        run([py, "-m", "data_prep.extract_features", *common, *POOL[mode], *source, *extra],
-            out / f"if{imb:g}-s{seed}-extract.log")
+            steps.append(([py, "-m", "csdm_dist.pretrain", *common, *POOL[mode], f"extractor.pool_path={pool}",
+                           *overrides], out / f"{order}-if{imb:g}-s{seed}-pretrain.log"))
+        steps.append(([py, "-m", "data_prep.extract_features", *common, *POOL[mode], *source, *overrides],
+                      out / f"{order}-if{imb:g}-s{seed}-extract.log"))
         source += ["real_source=features", *POOL[mode]]
-    settings = [f"{k}={v}" for k, v in MODES[mode].items()]
-    cmd = [py, "-m", "csdm_dist.distill", *common, f"method={method.split('-')[0]}", f"ipc={args.ipc}",
-           "baseline=false", f"out_dir={run_dir}", *source, *settings, *extra]
-    run(cmd, out / f"if{imb:g}-{method}-s{seed}.log")
+    distil = [*common, f"method={method.split('-')[0]}", f"ipc={ipc}", "baseline=false", f"out_dir={run_dir}",
+              *source, *overrides]
+    steps.append(([py, "-m", "csdm_dist.distill", *distil], out / f"{order}-if{imb:g}-ipc{ipc}-{method}-s{seed}.log"))
+    return steps, distil
+
+
+def check_reusable(run_dir: Path, overrides: list[str]) -> None:
+    """Stop unless run_dir's results were made with the config `overrides` give now (up to where it ran)."""
+    from hydra import compose, initialize_config_dir
+
+    from csdm_dist.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        want = asdict(to_config(compose(config_name="config", overrides=overrides)))
+    have = json.loads((run_dir / "results.json").read_text()).get("config", {})
+    diff = sorted(differences(want, have))
+    if diff:
+        raise SystemExit(f"--reuse: {run_dir} was made with another config ({', '.join(diff[:6])}"
+                         f"{' ...' if len(diff) > 6 else ''} differ); drop --reuse to rerun it, or pass another "
+                         "--out-dir")
+
+
+def differences(want: dict, have: dict, prefix: str = "") -> list[str]:
+    keys = (set(want) | set(have)) - (RUN_ONLY if not prefix else set())
+    out = []
+    for k in keys:
+        a, b = want.get(k), have.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def seed_result(seed: int, res: dict) -> dict:
+    acc, cfg = res["accuracy"], res["config"]
+    return {"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"], "medium": acc["medium"],
+            "few": acc["few"], "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
+            "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
+            "settings": settings_of(cfg)}
+
+
+def settings_of(cfg: dict) -> dict:
+    """What a row's runs were made with, read back from their stored config."""
+    d, m, e = cfg["distill"], cfg["method"], cfg["eval"]
+    return {"iterations": d["iterations"], "factor": cfg["synthetic"]["factor"], "init": d["init"], "lr": d["lr"],
+            "lr_schedule": d["lr_schedule"], "real_per_class": d["real_per_class"],
+            "extractor": cfg["extractor"]["mode"], "kernel": m["kernel"], "weighting": m["weighting"],
+            "eval": {"protocol": e["protocol"], "epochs": e["epochs"], "repeats": e["repeats"], "split": e["split"],
+                     "arch": e["arch"]},
+            "dataset": {"name": cfg["dataset"]["name"], "n_max": cfg["dataset"]["n_max"],
+                        "class_order": cfg["dataset"]["class_order"]}}
+
+
+def cell_row(order: str, imb: float, ipc: int, method: str, labels: str, seeds: list[dict]) -> dict:
+    settings = [s["settings"] for s in seeds]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method}: its seeds ran with different settings")
+    steps = sorted({k for s in seeds for k in s["at_steps"]}, key=int)
+    curve = {k: statistics.fmean(s["at_steps"][k] for s in seeds) for k in steps
+             if all(k in s["at_steps"] for s in seeds)}
+    return {"order": order, "imbalance_factor": imb, "ipc": ipc, "method": method, "labels": labels,
+            "seeds": [s["seed"] for s in seeds], "accuracy": [s["mean"] for s in seeds], **aggregate(seeds),
+            "accuracy_at_steps": curve, "settings": settings[0], "per_seed": seeds}
 
 
 def aggregate(seeds: list[dict]) -> dict:
@@ -133,36 +232,65 @@ def aggregate(seeds: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
-    s, n = MODES[mode], len(args.seeds)
-    spread = (f"mean +- std over {n} distillation seeds, each the mean of its evaluation repeats" if n > 1
-              else f"seed {args.seeds[0]}, mean +- std over the evaluation repeats")
-    lines = [f"Fashion-MNIST-LT, IPC {args.ipc}, {mode} mode: {s['distill.iterations']} distillation steps, dm "
-             f"protocol {s['eval.epochs']} epochs x {s['eval.repeats']} repeats; accuracy %, {spread}"
-             + (f"; overrides: {' '.join(extra)}" if extra else ""), "",
-             "| IF | method | overall | many | medium | few | distil s |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | {r['mean']:.2f} +- {r['std']:.2f} | "
-                     f"{r['many']:.2f} | {r['medium']:.2f} | {r['few']:.2f} | {r['distill_s']:.0f} |")
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    ifs = list(dict.fromkeys(r["imbalance_factor"] for r in rows))
-    cell = {(r["imbalance_factor"], r["method"]): r for r in rows}
-    lines += ["", "Overall accuracy:", "", "| IF | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for imb in ifs:
-        lines.append(f"| {imb:g} | " + " | ".join(f"{cell[imb, m]['mean']:.2f} +- {cell[imb, m]['std']:.2f}"
-                                                   for m in methods) + " |")
-    if "csdm" in methods and len(methods) > 1:
-        lines += ["", "CSDM against the best other method per IF (overall accuracy, points):", ""]
-        lines += [f"- IF {imb:g}: {margin(cell, imb, methods)}" for imb in ifs]
+    n = len(args.seeds)
+    spread = (f"mean +- std over {n} distillation seeds ({', '.join(map(str, args.seeds))}), each the mean of its "
+              "evaluation repeats" if n > 1 else f"seed {args.seeds[0]}, mean +- std over the evaluation repeats")
+    lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
+             f"{args.split} split; accuracy %, {spread}"
+             + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]
+    groups = list(dict.fromkeys((r["order"], r["ipc"]) for r in rows))
+    for order, ipc in groups:
+        part = [r for r in rows if (r["order"], r["ipc"]) == (order, ipc)]
+        lines += ["", f"### {order} class order, IPC {ipc}", "", *settings_line(part),
+                  "| IF | method | overall | many | medium | few | distil s |", "|---|---|---|---|---|---|---|"]
+        for r in part:
+            lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | {r['mean']:.2f} +- {r['std']:.2f} | "
+                         f"{r['many']:.2f} | {r['medium']:.2f} | {r['few']:.2f} | {r['distill_s']:.0f} |")
+        methods = list(dict.fromkeys(r["method"] for r in part))
+        ifs = list(dict.fromkeys(r["imbalance_factor"] for r in part))
+        cell = {(r["imbalance_factor"], r["method"]): r for r in part}
+        lines += ["", "| IF | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for imb in ifs:
+            lines.append(f"| {imb:g} | " + " | ".join(
+                f"{cell[imb, m]['mean']:.2f} +- {cell[imb, m]['std']:.2f}" if (imb, m) in cell else "-"
+                for m in methods) + " |")
+        if "csdm" in methods and len(methods) > 1:
+            lines += ["", "csdm minus each other method, overall accuracy in points (paired by seed):", ""]
+            lines += [f"- IF {imb:g}: {margin(cell, imb, methods)}" for imb in ifs if (imb, "csdm") in cell]
+        curves = [r for r in part if r["accuracy_at_steps"]]
+        if curves:
+            steps = sorted({k for r in curves for k in r["accuracy_at_steps"]}, key=int)
+            lines += ["", "Accuracy against distillation steps:", "", "| IF | method | " + " | ".join(steps) + " |",
+                      "|---|---" + "|---" * len(steps) + "|"]
+            lines += [f"| {r['imbalance_factor']:g} | {r['method']} | " + " | ".join(
+                f"{r['accuracy_at_steps'][k]:.2f}" if k in r["accuracy_at_steps"] else "-" for k in steps) + " |"
+                for r in curves]
     return "\n".join(lines)
 
 
+def settings_line(part: list[dict]) -> list[str]:
+    """The settings the rows were made with, once when they share them."""
+    s = [r["settings"] for r in part]
+    a = s[0]
+    e = a["eval"]
+    text = (f"Settings: {a['iterations']} steps, factor {a['factor']}, init {a['init']}, lr {a['lr']:g} "
+            f"({a['lr_schedule']}), {a['extractor']} extractors; evaluation {e['protocol']} protocol, {e['arch']}, "
+            f"{e['epochs']} epochs x {e['repeats']} repeats on {e['split']}")
+    same = all((x["iterations"], x["factor"], x["init"], x["lr"], x["lr_schedule"]) ==
+               (a["iterations"], a["factor"], a["init"], a["lr"], a["lr_schedule"]) for x in s)
+    return [text + ("" if same else " (rows differ: see the JSON)") + ".", ""]
+
+
 def margin(cell: dict, imb: float, methods: list[str]) -> str:
-    """csdm minus the best other method at one IF, overall and per seed (paired: same seed, same real data)."""
-    best = max((m for m in methods if m != "csdm"), key=lambda m: cell[imb, m]["mean"])
-    ours, theirs = cell[imb, "csdm"], cell[imb, best]
-    paired = {s["seed"]: s["mean"] for s in theirs["seeds"]}
-    per_seed = [f"{s['mean'] - paired[s['seed']]:+.2f}" for s in ours["seeds"] if s["seed"] in paired]
-    return f"csdm - {best} = {ours['mean'] - theirs['mean']:+.2f} (per seed: {', '.join(per_seed)})"
+    """csdm minus every other method at one IF, overall and per seed (paired: same seed, same real data)."""
+    ours, parts = cell[imb, "csdm"], []
+    others = sorted((m for m in methods if m != "csdm" and (imb, m) in cell), key=lambda m: -cell[imb, m]["mean"])
+    for m in others:
+        paired = dict(zip(cell[imb, m]["seeds"], cell[imb, m]["accuracy"]))
+        per_seed = [f"{a - paired[k]:+.2f}" for k, a in zip(ours["seeds"], ours["accuracy"]) if k in paired]
+        parts.append(f"csdm - {m} = {ours['mean'] - cell[imb, m]['mean']:+.2f} (per seed: {', '.join(per_seed)})")
+    return "; ".join(parts)
+
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ class ClusterConfig:
     gpus_per_node: int = 1  # tasks (ranks) per node: one task per GPU
     request_gpus: bool = True  # ask SLURM for gpus_per_node GPUs per node; false: CPU tasks (device=cpu, no GRES)
     cpus_per_task: int = 8  # CPU cores per task (data decoding, host work)
-    partition: Optional[str] = None  # SLURM partition (required for cluster=slurm; see `sinfo -s`)
+    partition: Optional[str] = None  # SLURM partition (`sinfo -s`); null: the cluster's default, as sbatch does
     account: Optional[str] = None  # SLURM account to charge (--account)
     qos: Optional[str] = None  # SLURM quality of service (--qos)
     time_min: int = 60  # time limit in minutes; the job checkpoints and requeues itself shortly before it
@@ -51,10 +51,7 @@ class ClusterConfig:
                f"must be >= 0 and below the time limit ({60 * self.time_min} s), got {self.signal_delay_s}")
         _check(self.max_requeues >= 0, "cluster.max_requeues", f"must be >= 0, got {self.max_requeues}")
         _check(bool(self.output_root), "cluster.output_root", "must name a (shared) folder")
-        if self.name == "slurm":
-            _check(bool(self.partition), "cluster.partition",
-                   "cluster=slurm needs a partition: pass cluster.partition=<name> (`sinfo -s` lists them)")
-        else:
+        if self.name != "slurm":
             _check(self.nodes == 1, "cluster.nodes", f"cluster={self.name} runs on this machine only: nodes must be 1, "
                                                      f"got {self.nodes}")
         if self.name == "debug":
@@ -106,3 +103,14 @@ def to_cluster_config(cfg: DictConfig | dict[str, Any]) -> ClusterConfig:
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, ClusterConfig)
     return obj
+
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def multirun_flag_first(argv: list[str]) -> list[str]:
+    """argv with `-m` / `--multirun` moved before the overrides: Hydra's parser takes it only there, so that
+    `submit.py cluster=slurm -m ipc=10,50` works as typed."""
+    head, rest = argv[:1], argv[1:]
+    flags = [a for a in rest if a in MULTIRUN_FLAGS]
+    return head + flags[:1] + [a for a in rest if a not in MULTIRUN_FLAGS] if flags else list(argv)

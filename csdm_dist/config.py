@@ -20,10 +20,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import UserError
 
-SOURCES = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagenet", "imagenet_lt")
+SOURCES = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "imagenet", "imagenet_lt", "imagefolder")
 KERNELS = ("gaussian", "laplacian", "cauchy", "matern", "linear")
 METHODS = ("csdm", "ncfm", "dm", "random")
 LR_SCHEDULES = ("constant", "cosine", "step")
+# soft-label track (issue #11): networks, teacher losses, label kinds, evaluation relabelling
+ARCHS = ("convnet", "resnet18", "vgg11", "alexnet")
+TEACHER_LOSSES = ("logit_adjusted", "balanced_softmax", "ce")
+LABEL_KINDS = ("hard", "soft")
+RELABEL_MODES = ("none", "online")
 
 
 class ConfigError(UserError, ValueError):
@@ -44,7 +49,9 @@ class DataConfig:
     num_classes: int = MISSING  # classes in the raw dataset
     channels: int = MISSING  # 1 (grey) or 3 (RGB)
     image_size: int = MISSING  # images are square, resized to this on build when the source differs
-    imbalance_factor: float = 100.0  # IF = n_max / n_min; n_c = floor(n_max * IF^(-c/(C-1)))
+    # IF = n_max / n_min; n_c = floor(n_max * IF^(-c/(C-1))). None (null): keep the natural counts, every
+    # training image of every class (for data that is already long-tailed; folder names say `ifnatural`)
+    imbalance_factor: Optional[float] = 100.0
     n_max: Optional[int] = None  # head-class count; None: the largest class of the raw training split
     download: bool = False  # fetch fashion_mnist / cifar10 / cifar100 into raw_root with torchvision first
     split_lists: Optional[str] = None  # imagenet_lt only: folder with ImageNet_LT_{train,test}.txt
@@ -56,19 +63,36 @@ class DataConfig:
     # balanced validation split: this many images per class from the raw training images the long-tailed subset
     # did not take (split `val`); 0: no validation split. Not for imagenet_lt
     val_per_class: int = 0
-    mean: list[float] = field(default_factory=list)  # per-channel normalisation mean (0-1 pixel scale)
-    std: list[float] = field(default_factory=list)  # per-channel normalisation std
+    # imagefolder only: no test/ folder under raw_root -> hold out this many images per class from train/ as
+    # the balanced test split, before the long-tailed draw (required then; 0 with a test/ folder)
+    test_per_class: int = 0
+    # imagefolder only: skip files PIL cannot read (a warning counts them) instead of stopping at the first one
+    skip_bad_files: bool = False
+    # per-channel normalisation mean and std (0-1 pixel scale). imagefolder may leave both empty ([]): the build
+    # computes them on the long-tailed training split and records them in the manifest, where runs read them
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, "dataset.source", f"{self.source!r} is not one of {SOURCES}")
         _check(self.num_classes >= 2, "dataset.num_classes", f"needs at least 2 classes, got {self.num_classes}")
         _check(self.channels in (1, 3), "dataset.channels", f"must be 1 or 3, got {self.channels}")
         _check(self.image_size >= 8, "dataset.image_size", f"must be >= 8, got {self.image_size}")
-        _check(self.imbalance_factor >= 1, "dataset.imbalance_factor", f"must be >= 1, got {self.imbalance_factor}")
+        _check(self.imbalance_factor is None or self.imbalance_factor >= 1, "dataset.imbalance_factor",
+               f"must be >= 1, or null for the natural counts, got {self.imbalance_factor}")
+        _check(self.imbalance_factor is not None or self.n_max is None or self.source == "imagenet_lt",
+               "dataset.n_max", f"is {self.n_max}, but dataset.imbalance_factor=null keeps every training image "
+               "(natural counts); set dataset.n_max=null, or give dataset.imbalance_factor a number")
+        _check(self.imbalance_factor is not None or self.val_per_class == 0, "dataset.val_per_class",
+               f"is {self.val_per_class}, but dataset.imbalance_factor=null keeps every training image, so none is "
+               "left for a val split; set dataset.val_per_class=0, or give dataset.imbalance_factor a number")
         _check(self.n_max is None or self.n_max >= 1, "dataset.n_max", f"must be >= 1 or null, got {self.n_max}")
         _check(self.samples_per_shard >= 1, "dataset.samples_per_shard", "must be >= 1")
-        _check(len(self.mean) == self.channels and len(self.std) == self.channels,
-               "dataset.mean/std", f"need {self.channels} values each, got {len(self.mean)} and {len(self.std)}")
+        computed = self.source == "imagefolder" and not self.mean and not self.std
+        _check(computed or (len(self.mean) == self.channels and len(self.std) == self.channels), "dataset.mean/std",
+               f"need {self.channels} values each, got {len(self.mean)} and {len(self.std)}"
+               + ("; or both empty ([]) to use the training split's, computed by the build"
+                  if self.source == "imagefolder" else ""))
         _check(all(s > 0 for s in self.std), "dataset.std", "values must be > 0")
         _check(self.source != "imagenet_lt" or bool(self.split_lists), "dataset.split_lists",
                "imagenet_lt needs the folder holding ImageNet_LT_train.txt and ImageNet_LT_test.txt")
@@ -82,6 +106,16 @@ class DataConfig:
                f"{self.val_per_class}")
         _check(self.source != "imagenet_lt" or self.val_per_class == 0, "dataset.val_per_class",
                "imagenet_lt's lists take every training image it reads, none is left for a val split; set it to 0")
+        _check(self.test_per_class >= 0, "dataset.test_per_class", f"must be >= 0, got {self.test_per_class}")
+        _check(self.source == "imagefolder" or self.test_per_class == 0, "dataset.test_per_class",
+               f"holds out test images from an image folder without test/; {self.source} has its own test split, "
+               "set it to 0")
+        _check(self.source == "imagefolder" or not self.skip_bad_files, "dataset.skip_bad_files",
+               f"applies to source=imagefolder only; {self.source} files are checked as they are, set it to false")
+
+    def imbalance_tag(self) -> str:
+        """The imbalance factor in folder and run names: `100`, `12.5`, or `natural` (imbalance_factor null)."""
+        return "natural" if self.imbalance_factor is None else f"{self.imbalance_factor:g}"
 
     def class_permutation(self) -> Optional[list[int]]:
         """class_order as a list, or None when it is unset or the natural order 0..C-1 (builds stay the same)."""
@@ -245,21 +279,98 @@ class EvalConfig:
     epochs: int = 300  # training epochs on the distilled set
     repeats: int = 2  # fresh networks trained per evaluation
     batch_size: int = 256
-    arch: str = "convnet"  # evaluation network (same builder as the extractor)
+    arch: str = "convnet"  # evaluation network: one of ARCHS (models.build_network; cross-architecture evaluation)
     augment: bool = True  # differentiable augmentation while training
     test_batch_size: int = 1000
     test_points: int = 1  # test this many times, evenly spaced (the last at the final epoch); best = max
     # the split evaluated on: `test` for reported tables, `val` (dataset.val_per_class > 0) to choose defaults
     split: str = "test"
+    # also evaluate the set as it stands after these distillation steps (each below distill.iterations): the
+    # accuracy-against-steps curve of one run, in results.json `accuracy_at_steps` and TensorBoard eval/*
+    at_steps: list[int] = field(default_factory=list)
+    # label track, reported apart: `hard` (cross-entropy on each image's class) or `soft` (T^2-scaled KL to the
+    # teacher's soft labels at their temperature: the set's stored soft_labels, or fresh ones with relabel=online);
+    # None: the track of labels.kind
+    labels: Optional[str] = None
+    # soft track: `none` trains on the stored soft labels; `online`: the teacher labels every augmented batch
+    # afresh (SRe2L's relabelling; needs the teacher file, labels.teacher)
+    relabel: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("dm", "ncfm"), "eval.protocol", f"{self.protocol!r} is not `dm` or `ncfm`")
+        _check(self.labels is None or self.labels in LABEL_KINDS, "eval.labels",
+               f"{self.labels!r} is not one of {LABEL_KINDS}")
+        _check(self.relabel in RELABEL_MODES, "eval.relabel", f"{self.relabel!r} is not one of {RELABEL_MODES}")
+        _check(self.relabel == "none" or self.labels != "hard", "eval.relabel",
+               "online relabelling trains on teacher labels, a soft-label track; set eval.labels=soft too")
+        s = [int(x) for x in self.at_steps]
+        _check(all(x >= 1 for x in s) and all(a < b for a, b in zip(s, s[1:])), "eval.at_steps",
+               f"must be strictly increasing steps >= 1, got {s}")
         _check(self.epochs >= 1, "eval.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.repeats >= 1, "eval.repeats", f"must be >= 1, got {self.repeats}")
         _check(1 <= self.test_points <= self.epochs, "eval.test_points", "must be between 1 and eval.epochs")
-        _check(self.arch in ("convnet", "resnet18"), "eval.arch", f"{self.arch!r} is not convnet or resnet18")
+        _check(self.arch in ARCHS, "eval.arch", f"{self.arch!r} is not one of {ARCHS}; pass eval.arch=<one of them>")
         _check(self.split in ("test", "val"), "eval.split", f"{self.split!r} is not `test` or `val` (the balanced "
                "validation split of dataset.val_per_class)")
+
+
+@dataclass
+class LabelsConfig:
+    """What a distillation stores besides its images (issue #11): `soft` adds the teacher's logits of every
+    decoded image to distilled.pt (`soft_labels`, [N_decoded, C] fp32, and `temperature`)."""
+    kind: str = "hard"  # one of LABEL_KINDS: `hard` (class labels only) or `soft` (also the teacher's logits)
+    # the teacher file, written by `python -m csdm_dist.teacher` (to this path); None: its default path,
+    # <dataset dir>/teachers/<teacher settings>-s<seed>.pt (csdm_dist.teacher.default_teacher_path)
+    teacher: Optional[str] = None
+    temperature: float = 4.0  # T: the student matches softmax(logits / T), the KL scaled by T^2
+    # tau' >= 0: the stored logits are the teacher's minus tau' * log pi_c (pi: the real class frequencies), a
+    # shift toward the tail before the softmax (ADSA); 0: the teacher's logits as they are
+    prior_adjust: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.kind in LABEL_KINDS, "labels.kind", f"{self.kind!r} is not one of {LABEL_KINDS}")
+        _check(self.temperature > 0 and math.isfinite(self.temperature), "labels.temperature",
+               f"must be a finite number > 0, got {self.temperature}")
+        _check(self.prior_adjust >= 0 and math.isfinite(self.prior_adjust), "labels.prior_adjust",
+               f"is the tau' of the prior shift and must be >= 0 (0: no shift), got {self.prior_adjust}")
+
+
+@dataclass
+class TeacherConfig:
+    """`python -m csdm_dist.teacher`: a network trained on the long-tailed training set with a long-tail
+    correction; its logits become soft labels (labels.kind=soft, eval.relabel=online). Written to labels.teacher."""
+    arch: str = "convnet"  # one of ARCHS
+    width: int = 128  # ConvNet channels
+    depth: Optional[int] = None  # ConvNet blocks; None: by image size (the rule of extractor.depth)
+    norm: str = "batchnorm"  # `batchnorm` (statistics re-estimated on a class-balanced pass), `instancenorm`, `none`
+    # `logit_adjusted`: cross-entropy on logits + tau * log pi_c (Menon et al. 2021); `balanced_softmax`: logits +
+    # log pi_c (tau = 1, its own name); `ce`: plain cross-entropy. Predictions use the plain logits
+    loss: str = "logit_adjusted"
+    tau: float = 1.0  # logit_adjusted only: tau >= 0
+    epochs: int = 30  # passes over the training set
+    lr: float = 0.05  # SGD (momentum 0.9), cosine decay to 0 over the epochs
+    batch_size: int = 256  # the global batch, split over the ranks
+    weight_decay: float = 5e-4
+    augment: bool = True  # one differentiable augmentation op per batch (csdm_dist/augment.py)
+    bn_per_class: Optional[int] = None  # images per class in the balanced batch-norm pass; None: train size // C
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "teacher.arch", f"{self.arch!r} is not one of {ARCHS}")
+        _check(self.norm in ("instancenorm", "batchnorm", "none"), "teacher.norm", f"{self.norm!r} is unknown")
+        _check(self.width >= 1 and (self.depth is None or self.depth >= 1), "teacher.width/depth", "must be >= 1")
+        _check(self.loss in TEACHER_LOSSES, "teacher.loss", f"{self.loss!r} is not one of {TEACHER_LOSSES}")
+        _check(self.tau >= 0 and math.isfinite(self.tau), "teacher.tau",
+               f"must be >= 0 (0: plain cross-entropy), got {self.tau}")
+        _check(self.epochs >= 1, "teacher.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, "teacher.lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, "teacher.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.weight_decay >= 0, "teacher.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.bn_per_class is None or self.bn_per_class >= 1, "teacher.bn_per_class",
+               f"must be >= 1 or null, got {self.bn_per_class}")
+
+    def depth_at(self, image_size: int) -> int:
+        """The ConvNet depth used for `image_size` px images (same rule as ExtractorConfig.depth_at)."""
+        return self.depth if self.depth is not None else max(1, round(math.log2(image_size)) - 2)
 
 
 @dataclass
@@ -298,6 +409,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)  # hard or soft labels stored with the set
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the teacher of soft labels (csdm_dist.teacher)
     real_source: str = "images"  # `images`: featurise real batches every step; `features`: precomputed shards
     ipc: int = 10  # synthetic images per class
     seed: int = 0  # seeds every random draw of the run
@@ -319,6 +432,17 @@ class Config:
                "real_source", "features need a fixed extractor: set extractor.mode=pool extractor.interpolate=false "
                "(the features were computed by the pool's trained networks)")
         self.synthetic.check(self.dataset.image_size)
+        late = [x for x in self.eval.at_steps if x >= self.distill.iterations]
+        _check(not late, "eval.at_steps", f"{late} are not below distill.iterations={self.distill.iterations} "
+               "(the final set is always evaluated)")
+        if self.eval.labels is None:  # the evaluation's label track follows what the set stores
+            self.eval.labels = self.labels.kind
+        _check(self.eval.labels == "hard" or self.labels.kind == "soft" or self.eval.relabel == "online",
+               "eval.labels", "soft trains on the set's soft labels, but labels.kind=hard stores none; set "
+               "labels.kind=soft (needs a teacher: python -m csdm_dist.teacher), eval.relabel=online (fresh teacher "
+               "labels per batch), or eval.labels=hard")
+        _check(self.eval.relabel == "none" or self.eval.labels == "soft", "eval.relabel",
+               "online relabelling trains on teacher labels, a soft-label track; set eval.labels=soft too")
         if self.out_dir is None:
             self.out_dir = default_out_dir(self)
 
@@ -328,7 +452,7 @@ def run_name(cfg: Config) -> str:
     differs from the default), so two such runs never share a folder. launch/submit.py uses the same rule."""
     parts = [cfg.method.name, f"ipc{cfg.ipc}"]
     if cfg.dataset.source != "imagenet_lt":  # ImageNet-LT's imbalance comes from its lists
-        parts.append(f"if{cfg.dataset.imbalance_factor:g}")
+        parts.append(f"if{cfg.dataset.imbalance_tag()}")
     if cfg.synthetic.factor != 1:
         parts.append(f"f{cfg.synthetic.factor}")
     order = cfg.dataset.class_permutation()
@@ -356,6 +480,7 @@ def register_configs() -> None:
     cs.store(group="dataset", name="base_dataset", node=DataConfig)
     cs.store(group="method", name="base_method", node=MethodConfig)
     cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
+    cs.store(name="base_export", node=ExportConfig)
 
 
 def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, Optional[str]]]:
@@ -395,3 +520,26 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, Config)
     return obj
+
+
+EXPORT_FORMATS = ("imagefolder", "webdataset", "npz")
+
+
+@dataclass
+class ExportConfig:
+    """`python -m csdm_dist.export`: a distilled set as ordinary files (csdm_dist/export.py, docs/export.md)."""
+    run: Optional[str] = None  # the run directory of a finished distillation (its out_dir), or its distilled.pt
+    format: Optional[str] = None  # one of EXPORT_FORMATS
+    out: Optional[str] = None  # the folder written; None: <run dir>/export-<format>
+    overwrite: bool = False  # out is not empty: move it aside to <out>.old-<time> (nothing is deleted)
+    samples_per_shard: int = 2000  # webdataset: samples per tar shard
+    # where the built datasets live (their manifests give the class names); None: the distilled set's
+    # dataset.data_root, as it was when the set was distilled (relative paths: to the current directory)
+    data_root: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run), "run", "missing; pass run=<run dir> (a finished distillation's out_dir) or "
+               "run=<path>/distilled.pt")
+        _check(self.format in EXPORT_FORMATS, "format", f"{self.format!r} is not one of {EXPORT_FORMATS}; pass "
+               f"format={'|'.join(EXPORT_FORMATS)}")
+        _check(self.samples_per_shard >= 1, "samples_per_shard", f"must be >= 1, got {self.samples_per_shard}")

@@ -23,11 +23,13 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from . import checkpoint, formation, rng, rundir
+from .cluster import multirun_flag_first
 from .config import Config, ConfigError, register_configs, to_config
 from .errors import EXIT_STOPPED, Interrupted, one_line_errors
 from .data.features import (FeatureData, check_provenance, features_dir, load_features_manifest, provenance,
                             read_features)
 from .data.manifest import check_counts, rebuild_hint, split_names
+from .data.normalization import resolve_normalization
 from .data.shards import MANIFEST, dataset_dir, load_manifest, read_split
 from .dist import ParallelLayout, Runtime, all_reduce_sum, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
@@ -35,6 +37,8 @@ from .evaluate import evaluate_set
 from .extractors import file_sha256
 from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
+from .softlabels import FP32_BYTES
+from .teacher import Teacher, load_teacher
 from .preempt import StopSignal
 from .synthetic import SyntheticSet, mix_order, pick_real_init
 from .tblog import NullLogger, make_logger
@@ -123,9 +127,13 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     run_dir = Path(cfg.out_dir)
     ddir = dataset_dir(cfg.dataset)
     manifest = load_manifest(ddir, cfg.dataset)
+    cfg.dataset = resolve_normalization(cfg.dataset, manifest, ddir)  # empty dataset.mean/std: the build's, hashed
     check_dataset(cfg, manifest, ddir)
     counts = manifest["train"]["counts"]
     check_memory(cfg, rt, counts)
+    # soft labels (labels.kind=soft) or online relabelling need the teacher: checked before anything is written
+    needs_teacher = cfg.labels.kind == "soft" or (cfg.evaluate and cfg.eval.relabel == "online")
+    teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
     chash = config_hash(cfg)
     action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, cfg.distill.iterations, rt.rank, log)
     if action == rundir.FINISHED and not cfg.reevaluate:
@@ -149,7 +157,7 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     purge = None if action == rundir.FRESH else (0 if state.steps is None else state.steps + 1)
     distiller.logger = logger = make_logger(run_dir / "tb", rt.is_main, purge_step=purge)
     try:
-        results = distil_and_evaluate(cfg, rt, distiller, picked, counts, logger, stop)
+        results = distil_and_evaluate(cfg, rt, distiller, picked, counts, logger, stop, teacher)
     finally:
         logger.close()
     if rt.is_main and not results.get("preempted"):
@@ -158,11 +166,14 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
 
 
 def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: torch.Tensor, counts: list[int],
-                        logger, stop: StopSignal | None) -> dict:
+                        logger, stop: StopSignal | None, teacher: Teacher | None = None) -> dict:
     run_dir = Path(cfg.out_dir)
     logger.text("run/real_source", cfg.real_source, 0)
+    labels = torch.arange(cfg.dataset.num_classes * cfg.ipc) // cfg.ipc
+    evaluate = evaluator(cfg, rt, distiller, counts, teacher)
+    at_steps = AtSteps(cfg, rt, distiller, labels, evaluate, logger)
     try:
-        if cfg.method.name != "random" and not distiller.run(stop):
+        if cfg.method.name != "random" and not distiller.run(stop, after_step=at_steps):
             return {"preempted": True, "step": distiller.step}
     except KeyboardInterrupt:
         done = checkpoint.latest(distiller.ckpt_root)
@@ -173,29 +184,32 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
     took_steps = bool(distiller.step_times)  # in this segment (a finished run resumed for reevaluate takes none)
     if distiller.step == 0 or (took_steps and not (every and distiller.step % every == 0)):
         distiller.log_images(distiller.step, final)  # the loop has not logged the final images already
-    labels = torch.arange(cfg.dataset.num_classes * cfg.ipc) // cfg.ipc
+    soft = None
+    if cfg.labels.kind == "soft":  # the teacher's logits of every decoded image, in decoded order, prior-shifted
+        soft = teacher.logits(formation.decode(final, cfg.synthetic.factor), cfg.labels.prior_adjust).cpu()
     if rt.is_main:  # the stored images (ipc per class) and their factor: formation.decode_set gives the samples
         torch.save({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor, "class_counts": counts,
-                    "config": asdict(cfg), "mean": cfg.dataset.mean, "std": cfg.dataset.std},
-                   run_dir / "distilled.pt")
+                    "config": asdict(cfg), "mean": cfg.dataset.mean, "std": cfg.dataset.std,
+                    **soft_label_record(cfg, soft, teacher)}, run_dir / "distilled.pt")
         save_image(distiller.norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
-               "real_source": cfg.real_source,
+               "real_source": cfg.real_source, "labels": cfg.eval.labels, "relabel": cfg.eval.relabel,
                "world_size": rt.world_size, "hardware": hardware(rt.device), "class_counts": counts,
                "timing": {"distill_s": distiller.elapsed_s, "step_ms_median": distiller.step_ms_median(),
                           "steps": distiller.step}}
+    if soft is not None:
+        results["soft_labels"] = {"bytes": soft.numel() * FP32_BYTES, "shape": list(soft.shape),
+                                  "temperature": cfg.labels.temperature, "prior_adjust": cfg.labels.prior_adjust,
+                                  "teacher": str(teacher.path), "teacher_sha256": teacher.sha256}
     if cfg.evaluate:
         t1 = time.perf_counter()
         try:
-            test = read_split(dataset_dir(cfg.dataset), cfg.eval.split, 0, 1, cfg=cfg.dataset)
-            args = (test.images, test.labels, distiller.norm, counts, cfg.eval, cfg.extractor,
-                    cfg.dataset.image_size, cfg.seed, rt.rank, rt.world_size, rt.device)
             # the distilled set trains on its decoded samples (ipc * f^2 per class); the baseline on its ipc images
-            results["accuracy"] = evaluate_set(*formation.decode_set(final, labels, cfg.synthetic.factor), *args,
-                                               name=cfg.method.name)
+            results["accuracy"] = evaluate(*formation.decode_set(final, labels, cfg.synthetic.factor),
+                                           name=cfg.method.name, soft=soft)
             if cfg.baseline and cfg.method.name != "random":
-                results["baseline_random"] = evaluate_set(picked, labels, *args, name="random")
+                results["baseline_random"] = evaluate(picked, labels, name="random")
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted while evaluating; distillation is complete (step {distiller.step}) and "
                               f"the same command evaluates it again") from None
@@ -204,12 +218,83 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
             if key in results:
                 for g in ("mean", "many", "medium", "few"):
                     logger.scalar(f"{tag}/{'accuracy' if g == 'mean' else g}", results[key][g], distiller.step)
+    if at_steps.done:
+        results["accuracy_at_steps"] = {**at_steps.done, **({str(distiller.step): results["accuracy"]}
+                                                            if "accuracy" in results else {})}
+        results["timing"]["eval_at_steps_s"] = at_steps.seconds
     results["peak_memory"] = peak_memory_mb(rt.device)
     if rt.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         print(results_table(results, cfg))
         print(f"\nrun directory: {run_dir}\nTensorBoard:   {tensorboard_command(run_dir)}")
     return results
+
+
+def soft_label_record(cfg: Config, soft: torch.Tensor | None, teacher: Teacher | None) -> dict:
+    """The distilled.pt keys of soft labels (none for hard labels): `soft_labels` [N_decoded, C] fp32 logits after
+    the prior shift, `temperature`, `prior_adjust` and the teacher file (path, sha256)."""
+    if soft is None:
+        return {}
+    return {"soft_labels": soft.float(), "temperature": float(cfg.labels.temperature),
+            "prior_adjust": float(cfg.labels.prior_adjust),
+            "teacher": {"path": str(teacher.path), "sha256": teacher.sha256}}
+
+
+def evaluator(cfg: Config, rt: Runtime, distiller: Distiller, counts: list[int], teacher: Teacher | None = None):
+    """evaluate(images, labels, name, soft=None) -> the accuracy block, on cfg.eval.split (read once, on first
+    use). On the soft track the images are trained on `soft` (their logits), else on the teacher's logits of them
+    (prior-shifted), or on fresh teacher labels per batch (eval.relabel=online)."""
+    split = {}
+    lab = cfg.labels
+
+    def relabel(x: torch.Tensor) -> torch.Tensor:
+        return teacher.logits(x, lab.prior_adjust)
+
+    def evaluate(images: torch.Tensor, labels: torch.Tensor, name: str, soft: torch.Tensor | None = None) -> dict:
+        if not split:
+            split["data"] = read_split(dataset_dir(cfg.dataset), cfg.eval.split, 0, 1, cfg=cfg.dataset)
+        data = split["data"]
+        track = {}
+        if cfg.eval.labels == "soft" and cfg.eval.relabel == "online":
+            track = {"relabel": relabel, "temperature": lab.temperature}
+        elif cfg.eval.labels == "soft":
+            track = {"soft": teacher.logits(images, lab.prior_adjust) if soft is None else soft,
+                     "temperature": lab.temperature}
+        return evaluate_set(images, labels, data.images, data.labels, distiller.norm, counts, cfg.eval,
+                            cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank, rt.world_size, rt.device,
+                            name=name, **track)
+    return evaluate
+
+
+class AtSteps:
+    """eval.at_steps: evaluates the set after each listed step. Results are kept in `accuracy_at_steps.json` in
+    the run directory as they come, so a resumed run keeps the ones it has and evaluates the step it resumes at
+    when that one is listed and missing. Called on every rank (evaluation spreads its repeats over the world)."""
+
+    FILE = "accuracy_at_steps.json"
+
+    def __init__(self, cfg: Config, rt: Runtime, distiller: Distiller, labels: torch.Tensor, evaluate, logger):
+        self.cfg, self.rt, self.distiller, self.labels, self.evaluate, self.logger = (
+            cfg, rt, distiller, labels, evaluate, logger)
+        self.path = Path(cfg.out_dir) / self.FILE
+        kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.done = {k: v for k, v in kept.items() if int(k) in cfg.eval.at_steps}
+        self.seconds = 0.0
+
+    def __call__(self, step: int) -> None:
+        if step not in self.cfg.eval.at_steps or str(step) in self.done or not self.cfg.evaluate:
+            return
+        t0 = time.perf_counter()
+        images = formation.decode_set(self.distiller.gather(), self.labels, self.cfg.synthetic.factor)
+        acc = self.evaluate(*images, name=f"{self.cfg.method.name}@{step}")
+        self.seconds += time.perf_counter() - t0
+        self.done[str(step)] = acc
+        for g in ("mean", "many", "medium", "few"):
+            self.logger.scalar(f"eval/{'accuracy' if g == 'mean' else g}", acc[g], step)
+        if self.rt.is_main:
+            self.path.write_text(json.dumps(self.done, indent=1))
+            log.info("step %d: %s accuracy %.2f %% (%s split)", step, self.cfg.method.name, acc["mean"],
+                     self.cfg.eval.split)
 
 
 def report_finished(cfg: Config, rt: Runtime, run_dir: Path, results: dict) -> dict:
@@ -265,8 +350,10 @@ def run_log(run_dir: Path, rank: int):
 def results_table(results: dict, cfg: Config) -> str:
     rows = [("random-real", results.get("baseline_random"), 0.0)] if "baseline_random" in results else []
     rows.append((cfg.method.name, results.get("accuracy"), results["timing"]["distill_s"]))
-    lines = [f"\n{cfg.dataset.name} (IF {cfg.dataset.imbalance_factor:g}), IPC {cfg.ipc}, "
-             f"{cfg.eval.protocol} protocol, {cfg.eval.epochs} epochs x {cfg.eval.repeats} repeats",
+    track = results.get("labels", "hard") + (" (online relabelling)" if results.get("relabel") == "online" else "")
+    lines = [f"\n{cfg.dataset.name} (IF {cfg.dataset.imbalance_tag()}), IPC {cfg.ipc}, "
+             f"{cfg.eval.protocol} protocol, {cfg.eval.epochs} epochs x {cfg.eval.repeats} repeats, labels: {track}"
+             + ("" if cfg.eval.arch == "convnet" else f", {cfg.eval.arch}"),
              "| method | overall | many | medium | few | distil time |", "|---|---|---|---|---|---|"]
     for name, acc, secs in rows:
         if acc is None:
@@ -274,6 +361,11 @@ def results_table(results: dict, cfg: Config) -> str:
             continue
         lines.append(f"| {name} | {acc['mean']:.2f} +- {acc['std']:.2f} | {acc['many']:.2f} | {acc['medium']:.2f} | "
                      f"{acc['few']:.2f} | {secs:.0f} s |")
+    t = results["timing"]
+    if "eval_s" in t:
+        lines.append(f"\nevaluated on the {cfg.eval.split} split in {t['eval_s']:.0f} s"
+                     + (f" (+ {t['eval_at_steps_s']:.0f} s at steps {', '.join(map(str, cfg.eval.at_steps))})"
+                        if "eval_at_steps_s" in t else "") + f"; distilled in {t['distill_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -296,5 +388,6 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = multirun_flag_first(sys.argv)
     register_configs()
     main()

@@ -159,10 +159,13 @@ class Distiller:
         return out
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def run(self, stop: StopSignal | None = None) -> bool:
-        """Distil up to distill.iterations; False if `stop` was requested (a checkpoint is saved first)."""
+    def run(self, stop: StopSignal | None = None, after_step=None) -> bool:
+        """Distil up to distill.iterations; False if `stop` was requested (a checkpoint is saved first).
+        `after_step(step)`, if given, is called on every rank after each step (collectives allowed)."""
         cfg = self.cfg.distill
         self.maybe_resume()
+        if after_step is not None and 0 < self.step < cfg.iterations:
+            after_step(self.step)  # a run resumed at a step whose hook had not finished
         self.logger.scalar("distill/allreduce_bytes_per_step", self.allreduce_bytes, self.step)
         bar = tqdm(range(self.step, cfg.iterations), initial=self.step, total=cfg.iterations, desc="distil",
                    disable=not self.rt.is_main, dynamic_ncols=True)
@@ -181,6 +184,8 @@ class Distiller:
                 self.log_images(self.step)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.iterations:
                 self.save()
+            if after_step is not None:
+                after_step(self.step)
             if stop is not None and self.step < cfg.iterations and stop.requested():
                 bar.close()
                 self.save()

@@ -10,10 +10,12 @@ Exit codes (docs/failures.md):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 EXIT_ERROR, EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -29,6 +31,17 @@ class UserError(Exception):
 
 class RunDirError(UserError, ValueError):
     """The run directory holds something this run must not touch or mix with."""
+
+
+def read_json_record(path: Path, what_to_do: str, error: type[UserError] = UserError) -> Optional[dict]:
+    """A JSON record a run wrote (results.json, run.json, ...): None when absent; `error` naming the file and
+    `what_to_do` when it does not parse."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e}); {what_to_do}") from None
 
 
 class Interrupted(Exception):

@@ -9,12 +9,22 @@ repeats of the last-epoch accuracy, the best tested epoch, per-class accuracy an
 Entry point: `python -m csdm_dist.evaluate distilled=<run>/distilled.pt [eval.repeats=...]`. A distilled.pt
 stores its images as they are kept (multi-formation: f x f tiles each, key "factor"; absent in older files,
 which are factor 1); they are decoded (formation.decode_set) before training.
+
+Label tracks (eval.labels, reported apart): `hard` trains on cross-entropy with each image's class; `soft` on
+T^2 KL(softmax(teacher logits / T) || softmax(student / T)) with the set's stored `soft_labels` (logits of the
+decoded images) at its stored `temperature`, CutMix mixing the targets with the image's lambda; with
+eval.relabel=online the teacher labels every augmented batch afresh instead (csdm_dist/teacher.py). eval.arch
+picks the network (convnet, resnet18, vgg11, alexnet: models.build_network) for cross-architecture evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
+import typing
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +36,7 @@ from . import formation, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import EvalConfig, ExtractorConfig
 from .models import build_network, reinit_
+from .softlabels import kd_loss, soft_targets
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +89,12 @@ def test_accuracy(net: torch.nn.Module, test_x: Tensor, test_y: Tensor, norm, nu
 
 def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, num_classes: int,
                    cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, repeat: int,
-                   device: torch.device, desc: str) -> tuple[Tensor, Tensor]:
-    """One repeat: (per-class accuracy at the last epoch, at the best tested epoch)."""
+                   device: torch.device, desc: str, soft: Optional[Tensor] = None, temperature: Optional[float] = None,
+                   relabel: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """One repeat: (per-class accuracy at the last epoch, at the best tested epoch).
+
+    Soft track: `soft` [N, C] logits of the images (KD at `temperature`), or `relabel(x)` -> the teacher's logits
+    of each augmented batch; neither: hard labels. The random draws are the same on every track."""
     g = rng.generator(seed, repeat, rng.EVAL)
     net = build_network(cfg.arch, images.shape[1], num_classes, image_size, net_cfg.width, net_cfg.depth_at(image_size),
                         net_cfg.norm)
@@ -91,6 +106,7 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
     milestones, gamma = _schedule(cfg.protocol, cfg.epochs)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
     images, labels = images.to(device), labels.to(device)
+    probs = None if soft is None else soft_targets(soft.to(device), temperature)
     test_at = {round(cfg.epochs * (k + 1) / cfg.test_points) for k in range(cfg.test_points)}
     best = last = None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, dynamic_ncols=True):
@@ -98,13 +114,23 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
         for i in range(0, len(labels), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             x, y = images[idx], labels[idx]
+            target = y if probs is None else probs[idx]  # class labels, or soft-label probabilities
             if cfg.augment:
                 op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
                 x = augment(x, op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
             if cfg.protocol == "ncfm" and float(torch.rand((), generator=g)) < 0.5:
-                x, ya, yb, lam = _cutmix(x, y, g)
+                x, ya, yb, lam = _cutmix(x, target, g)
                 logits = net(x)
-                loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
+                if relabel is not None:  # the teacher labels the mixed batch as the student sees it
+                    loss = kd_loss(logits, soft_targets(relabel(x), temperature), temperature)
+                elif probs is not None:  # soft targets mixed with the same lambda as the pixels
+                    loss = kd_loss(logits, lam * ya + (1 - lam) * yb, temperature)
+                else:
+                    loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
+            elif relabel is not None:
+                loss = kd_loss(net(x), soft_targets(relabel(x), temperature), temperature)
+            elif probs is not None:
+                loss = kd_loss(net(x), target, temperature)
             else:
                 loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
@@ -119,18 +145,31 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
 
 def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, counts: list[int],
                  cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, rank: int, world: int,
-                 device: torch.device, name: str) -> dict:
-    """Train cfg.repeats networks (spread over the world) and summarise their accuracy."""
+                 device: torch.device, name: str, soft: Optional[Tensor] = None, temperature: Optional[float] = None,
+                 relabel: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
+    """Train cfg.repeats networks (spread over the world) and summarise their accuracy. eval.labels=soft needs
+    `soft` (the images' logits, at `temperature`) or, with eval.relabel=online, `relabel` (see train_and_test)."""
+    track = cfg.labels or "hard"
+    online = cfg.relabel == "online"
+    if (track == "soft") != (soft is not None or relabel is not None) or online != (relabel is not None):
+        raise ValueError(f"eval.labels={track}, eval.relabel={cfg.relabel} but given soft labels: "
+                         f"{soft is not None}, a relabelling teacher: {relabel is not None}")
+    if track == "soft" and not (temperature is not None and temperature > 0):
+        raise ValueError(f"soft labels need a temperature > 0, got {temperature!r}")
+    if soft is not None and tuple(soft.shape) != (len(labels), len(counts)):
+        raise ValueError(f"soft labels of shape {list(soft.shape)} for {len(labels)} images of {len(counts)} classes")
     c = len(counts)
     acc = torch.zeros(2, cfg.repeats, c, device=device)
     for r in range(rank, cfg.repeats, world):
         last, best = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed, r,
-                                    device, desc=f"eval {name} {r + 1}/{cfg.repeats}")
+                                    device, desc=f"eval {name} {r + 1}/{cfg.repeats}", soft=soft,
+                                    temperature=temperature, relabel=relabel)
         acc[0, r], acc[1, r] = last, best
     if dist.is_initialized() and world > 1:
         dist.all_reduce(acc)  # each repeat was filled by exactly one rank
     out = summarise(acc[0].cpu(), acc[1].cpu(), counts)
     out["train_images"] = len(labels)  # what the networks trained on (the decoded count under multi-formation)
+    out["labels"], out["relabel"], out["arch"] = track, cfg.relabel, cfg.arch  # the track and network, reported apart
     return out
 
 
@@ -153,6 +192,30 @@ def load_distilled(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def stored_soft_labels(blob: dict, path: Path, n_decoded: int, num_classes: int) -> tuple[Tensor, float]:
+    """(soft_labels [n_decoded, C] logits, temperature) of a distilled.pt; ConfigError naming eval.labels when the
+    set has none, UserError when they do not fit its decoded images."""
+    from .config import ConfigError
+    from .errors import UserError
+
+    if "soft_labels" not in blob:
+        raise ConfigError(f"invalid config `eval.labels`: soft trains on the set's soft labels, but {path} has none "
+                          "(it was distilled with labels.kind=hard); pass eval.labels=hard, or eval.relabel=online "
+                          "(fresh labels from the teacher file, labels.teacher), or distil again with labels.kind=soft")
+    soft, temperature = torch.as_tensor(blob["soft_labels"]).float(), blob.get("temperature")
+    if tuple(soft.shape) != (n_decoded, num_classes) or not torch.isfinite(soft).all():
+        raise UserError(f"{path}: soft_labels has shape {list(soft.shape)} (finite: {bool(torch.isfinite(soft).all())}"
+                        f"), not [{n_decoded}, {num_classes}] finite logits of its decoded images; distil it again")
+    if temperature is None or not float(temperature) > 0:
+        raise UserError(f"{path}: soft_labels come without a temperature > 0 (got {temperature!r}); distil it again")
+    return soft, float(temperature)
+
+
+def eval_record_name(ev: EvalConfig) -> str:
+    """eval-<protocol>-<epochs>ep[-<arch>][-soft[-online]].json: one file per protocol, network and label track."""
+    tail = ("" if ev.arch == "convnet" else f"-{ev.arch}") + ("-soft" if ev.labels == "soft" else "") + \
+        ("-online" if ev.relabel == "online" else "")
+    return f"eval-{ev.protocol}-{ev.epochs}ep{tail}.json"
 
 
 def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
@@ -164,35 +227,75 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     from .dist import close_distributed, init_distributed
     from .distiller import Normalizer
 
+    t0 = time.perf_counter()
     blob = load_distilled(path)
     cfg = to_config(blob["config"])
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
+    factor = blob.get("factor", 1)
+    soft = temperature = None
+    if ev.labels == "soft" and ev.relabel == "none":  # checked before anything starts
+        soft, temperature = stored_soft_labels(blob, path, len(blob["labels"]) * factor * factor,
+                                               len(blob["class_counts"]))
     rt = init_distributed(device)
     try:
+        relabel = None
+        if ev.relabel == "online":  # SRe2L: the teacher labels every augmented batch
+            from .data.shards import load_manifest
+            from .teacher import load_teacher
+
+            teacher = load_teacher(cfg, load_manifest(dataset_dir(cfg.dataset)), rt.device)
+            temperature = cfg.labels.temperature
+
+            def online(x: Tensor) -> Tensor:
+                return teacher.logits(x, cfg.labels.prior_adjust)
+            relabel = online
         test = read_split(dataset_dir(cfg.dataset), ev.split, 0, 1, cfg=cfg.dataset)
         norm = Normalizer.build(blob["mean"], blob["std"], rt.device)
-        images, labels = formation.decode_set(blob["images"].to(rt.device), blob["labels"], blob.get("factor", 1))
+        images, labels = formation.decode_set(blob["images"].to(rt.device), blob["labels"], factor)
         acc = evaluate_set(images, labels, test.images, test.labels, norm,
                            blob["class_counts"], ev, cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank,
-                           rt.world_size, rt.device, name=cfg.method.name)
+                           rt.world_size, rt.device, name=cfg.method.name, soft=soft,
+                           temperature=temperature, relabel=relabel)
         if rt.is_main:
-            out = path.parent / f"eval-{ev.protocol}-{ev.epochs}ep.json"
-            out.write_text(json.dumps({"distilled": str(path), "eval": vars(ev), "accuracy": acc}, indent=1))
-            print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats\n"
+            out = path.parent / eval_record_name(ev)
+            out.write_text(json.dumps({"distilled": str(path), "eval": vars(ev), "labels": ev.labels,
+                                       "temperature": temperature, "accuracy": acc}, indent=1))
+            track = ev.labels + (" (online relabelling)" if relabel is not None else "")
+            print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats, "
+                  f"labels: {track}, {ev.arch}\n"
                   f"overall {acc['mean']:.2f} +- {acc['std']:.2f} (best tested epoch {acc['best_mean']:.2f}), "
-                  f"many {acc['many']:.2f}, medium {acc['medium']:.2f}, few {acc['few']:.2f}\nwrote {out}")
+                  f"many {acc['many']:.2f}, medium {acc['medium']:.2f}, few {acc['few']:.2f}, on the {ev.split} split in "
+                  f"{time.perf_counter() - t0:.0f} s\nwrote {out}")
         return acc
     finally:
         close_distributed()
 
 
+def cli_schema() -> type:
+    """The schema of `python -m csdm_dist.evaluate`: distilled, device, and every EvalConfig key as an optional
+    override (None: keep the value the set was made with), so `eval.protocol=ncfm` works without a `+`."""
+    hints = typing.get_type_hints(EvalConfig)
+    overrides = dataclasses.make_dataclass("EvalOverrides", [
+        (f.name, Optional[hints[f.name]], dataclasses.field(default=None)) for f in dataclasses.fields(EvalConfig)])
+    return dataclasses.make_dataclass("EvaluateCli", [
+        ("distilled", str, dataclasses.field(default="???")), ("device", str, dataclasses.field(default="auto")),
+        ("eval", overrides, dataclasses.field(default_factory=overrides))])
+
+
 def _hydra_main() -> None:
     import hydra
+    from hydra.core.config_store import ConfigStore
     from omegaconf import DictConfig, OmegaConf
+
+    from .errors import one_line_errors
+
+    ConfigStore.instance().store(name="base_evaluate", node=cli_schema())
 
     @hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
     def main(dcfg: DictConfig) -> None:
-        evaluate_file(Path(dcfg.distilled), OmegaConf.to_container(dcfg.eval), dcfg.device)
+        with one_line_errors(log):
+            given = {k: v for k, v in OmegaConf.to_container(dcfg.eval).items() if v is not None}
+            evaluate_file(Path(dcfg.distilled), given, dcfg.device)
 
     main()
 

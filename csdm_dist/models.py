@@ -1,7 +1,16 @@
-"""Networks: the ConvNet of the dataset-distillation literature and a small-image ResNet-18.
+"""Networks: the ConvNet of the dataset-distillation literature, a small-image ResNet-18, and VGG-11 and AlexNet
+sized for 28 to 64 px inputs as the dataset-distillation field uses them (cross-architecture evaluation).
 
-Both expose `embed(x)` (the penultimate features) and `forward(x)` (class logits), and are re-initialised in
+All expose `embed(x)` (the penultimate features) and `forward(x)` (class logits), and are re-initialised in
 place from a torch.Generator by `reinit_`, so a fresh random extractor costs no allocation and is reproducible.
+
+Sizes (s = image side, `norm` = instancenorm | batchnorm | none after every convolution):
+- VGG-11: conv3x3 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M (M = 2x2 max-pool, skipped once the map
+  is 1 px: 28 and 32 px end at 1x1, 64 px at 2x2); the classifier is one linear layer on the flattened final
+  map (512 x m^2 features, m the final side: 1 at 28-32 px, 2 at 64 px). 9.2M parameters at 32 px, 10 classes.
+- AlexNet (the small-kernel variant of the DC/DM code): conv5x5 128, M, conv5x5 192, M, conv3x3 256, 192, 192,
+  M, then one linear layer on the flattened 192 x (s // 8)^2 map (3x3 at 28 px, 4x4 at 32 px, 8x8 at 64 px).
+  1.9M parameters at 32 px, 10 classes.
 """
 from __future__ import annotations
 
@@ -9,6 +18,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from .config import ARCHS  # the architectures build_network knows
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -82,13 +93,71 @@ class ResNet18(nn.Module):
         return self.classifier(self.embed(x))
 
 
+class VGG11(nn.Module):
+    """VGG-11 for 28-64 px images: 8 conv3x3-norm-relu layers, 5 max-pools (only while the map is > 1 px)."""
+
+    LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, channels: int, num_classes: int, image_size: int, norm: str = "instancenorm"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch, size = channels, image_size
+        for v in self.LAYERS:
+            if v == "M":
+                if size > 1:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                continue
+            layers += [nn.Conv2d(ch, v, 3, padding=1), _norm(norm, v), nn.ReLU(inplace=True)]
+            ch = v
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = ch * size * size
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(x))
+
+
+class AlexNet(nn.Module):
+    """AlexNet with small kernels (5x5, 5x5, 3x3 x 3; 3 max-pools) for 28-64 px images, as in the DC/DM code."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: int, norm: str = "instancenorm"):
+        super().__init__()
+        if image_size // 8 < 1:
+            raise ValueError(f"AlexNet needs images of at least 8 px, got {image_size}")
+
+        def block(cin: int, cout: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, k, padding=k // 2), _norm(norm, cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*block(channels, 128, 5), nn.MaxPool2d(2), *block(128, 192, 5), nn.MaxPool2d(2),
+                                      *block(192, 256, 3), *block(256, 192, 3), *block(192, 192, 3), nn.MaxPool2d(2))
+        self.feature_dim = 192 * (image_size // 8) ** 2
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(x))
+
+
+
+
 def build_network(arch: str, channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3,
                   norm: str = "instancenorm") -> nn.Module:
+    """One of ARCHS; width and depth apply to the ConvNet only."""
     if arch == "convnet":
         return ConvNet(channels, num_classes, image_size, width, depth, norm)
     if arch == "resnet18":
         return ResNet18(channels, num_classes, norm)
-    raise ValueError(f"unknown arch {arch!r}; use convnet or resnet18")
+    if arch == "vgg11":
+        return VGG11(channels, num_classes, image_size, norm)
+    if arch == "alexnet":
+        return AlexNet(channels, num_classes, image_size, norm)
+    raise ValueError(f"unknown arch {arch!r}; use one of {ARCHS}")
 
 
 @torch.no_grad()

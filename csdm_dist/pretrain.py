@@ -19,7 +19,8 @@ from tqdm import tqdm
 from . import rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import Config, register_configs, to_config
-from .data.shards import dataset_dir, read_split
+from .data.normalization import resolve_normalization
+from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import close_distributed, init_distributed
 from .distiller import Normalizer
 from .models import build_network, reinit_
@@ -41,9 +42,14 @@ def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor
     init = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     batch = 256
-    for _ in tqdm(range(e.pool_epochs), desc=f"pretrain member {k}", dynamic_ncols=True):
+    per_epoch = -(-len(labels) // batch)
+    bar = tqdm(total=e.pool_epochs * per_epoch, desc=f"pretrain member {k + 1}/{e.pool_size}", unit="batch",
+               dynamic_ncols=True)  # progress inside each epoch: one epoch of a large set takes minutes on a CPU
+    for epoch in range(e.pool_epochs):
+        bar.set_postfix(epoch=f"{epoch + 1}/{e.pool_epochs}")
         perm = torch.randperm(len(labels), generator=g).to(device)
         for i in range(0, len(labels), batch):
+            bar.update()
             idx = perm[i:i + batch]
             op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
             x = augment(norm(images[idx]), op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
@@ -51,12 +57,15 @@ def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    bar.close()
     trained = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
     return init, trained
 
 
 def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
-    data = read_split(dataset_dir(cfg.dataset), "train", 0, 1)
+    ddir = dataset_dir(cfg.dataset)
+    cfg.dataset = resolve_normalization(cfg.dataset, load_manifest(ddir), ddir)  # empty mean/std: the build's
+    data = read_split(ddir, "train", 0, 1)
     images, labels = data.images.to(device), data.labels.to(device)
     norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, device)
     k_total = cfg.extractor.pool_size

@@ -14,6 +14,7 @@ from torch import Tensor
 
 # streams: fixed small integers so a key never collides across uses
 INIT, EXTRACTOR, FREQS, AUG_OP, REAL_PICK, REAL_AUG, SYN_AUG, EVAL, DATA, FEATURE_VIEW = range(10)
+TEACHER, TEACHER_AUG, TEACHER_BN = range(10, 13)  # teacher training: init and batches, augmentation, BN pass
 
 _M31 = (1 << 31) - 1
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from . import checkpoint
-from .errors import RunDirError
+from .errors import RunDirError, read_json_record
 
 RUN_RECORD = "run.json"
 RESULTS = "results.json"
@@ -41,13 +41,8 @@ class RunDirState:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{path} is not valid JSON ({e}); the run directory is damaged: move it away or pass "
-                          f"overwrite=true to move it aside") from None
+    return read_json_record(path, "the run directory is damaged: move it away or pass overwrite=true to move it "
+                                  "aside", RunDirError)
 
 
 def inspect(run_dir: Path) -> RunDirState:

@@ -20,6 +20,9 @@ _NOT_HASHED_DISTILL = {"iterations", "log_every", "image_every", "checkpoint_eve
 
 def config_hash(cfg: Config) -> str:
     d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    if cfg.labels.kind == "hard":  # the soft-label keys change nothing of a hard-label run (its hash as before them)
+        for key in ("labels", "teacher"):
+            d.pop(key)
     # a schedule makes the lr of every step depend on the budget: then `iterations` shapes the result too
     skip = _NOT_HASHED_DISTILL - ({"iterations"} if cfg.distill.lr_schedule != "constant" else set())
     d["distill"] = {k: v for k, v in d["distill"].items() if k not in skip}

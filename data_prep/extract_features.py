@@ -30,6 +30,7 @@ from csdm_dist.config import Config, register_configs, to_config
 from csdm_dist.data.features import (FEATURES_MANIFEST, check_provenance, features_dir, load_features_manifest,
                                      provenance, write_features)
 from csdm_dist.data.manifest import MANIFEST, check_counts, rebuild_hint
+from csdm_dist.data.normalization import resolve_normalization
 from csdm_dist.data.shards import dataset_dir, load_manifest, read_split
 from csdm_dist.dist import Runtime, close_distributed, init_distributed
 from csdm_dist.distiller import Normalizer
@@ -69,6 +70,7 @@ def extract(cfg: Config, rt: Runtime) -> Path:
                          "extractor.pool_path=<pool from python -m csdm_dist.pretrain>")
     out = features_dir(cfg)
     data_manifest = load_manifest(dataset_dir(d), d)
+    d = resolve_normalization(d, data_manifest, dataset_dir(d))  # empty dataset.mean/std: the build's
     extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device, normalize=False)
     want = provenance(cfg, data_manifest, extractor.pool_sha256)
     if (out / FEATURES_MANIFEST).is_file():

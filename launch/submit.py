@@ -36,7 +36,8 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.job_environment import SignalHandler
 
-from csdm_dist.cluster import ClusterConfig, register_cluster_configs, split_submit_config, to_cluster_config
+from csdm_dist.cluster import (ClusterConfig, multirun_flag_first, register_cluster_configs, split_submit_config,
+                               to_cluster_config)
 from csdm_dist.config import Config, ConfigError, register_configs
 from csdm_dist.preempt import StopSignal
 
@@ -186,6 +187,8 @@ def real_class_counts(cfg: Config) -> tuple[list[int] | None, str]:
     d = cfg.dataset
     if d.source == "imagenet_lt":
         return None, "dataset not built yet: ImageNet-LT's 115,846 training images assumed"
+    if d.imbalance_factor is None:
+        return None, "dataset not built yet: its natural counts (dataset.imbalance_factor=null) are unknown"
     n_max = d.n_max or _RAW_N_MAX.get(d.source, 0)
     if not n_max:
         return None, "dataset not built yet: real-data store unknown"
@@ -234,13 +237,13 @@ def absolute_paths(job: dict[str, Any]) -> dict[str, Any]:
 
 def slurm_parameters(cluster: ClusterConfig, job_name: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters (sbatch names): one task per GPU on every node."""
-    params: dict[str, Any] = dict(job_name=job_name, partition=cluster.partition, time=cluster.time_min,
+    params: dict[str, Any] = dict(job_name=job_name, time=cluster.time_min,
                                   nodes=cluster.nodes, ntasks_per_node=cluster.gpus_per_node,
                                   cpus_per_task=cluster.cpus_per_task, signal_delay_s=cluster.signal_delay_s,
                                   additional_parameters={"requeue": True, **cluster.sbatch_extra})
     if cluster.request_gpus:
         params["gpus_per_node"] = cluster.gpus_per_node
-    for key in ("account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint"):  # unset: no line, the cluster's default
         if getattr(cluster, key):
             params[key] = getattr(cluster, key)
     if cluster.mem_gb is not None:
@@ -306,12 +309,17 @@ def write_run_record(run_dir: Path, dcfg: DictConfig, job: dict[str, Any], clust
 def submit(dcfg: DictConfig, dataset_choice: str | None = None) -> submitit.Job | str:
     """Validate, check the data, print the memory estimate, then submit (or print the sbatch script on a dry run).
     Returns the job, or the dry run's text."""
+    from csdm_dist.data.normalization import resolve_normalization
+    from csdm_dist.data.shards import dataset_dir
+
     cfg, cluster, job = split_submit_config(dcfg)
     job = absolute_paths(job)
     cfg.out_dir, cfg.dataset.data_root = job["out_dir"], job["dataset"]["data_root"]
     choice = dataset_choice or cfg.dataset.name
     try:
         manifest = check_dataset(cfg, choice)
+        # as the job does (csdm_dist/distill.py): empty dataset.mean/std are the build's, so the run hash agrees
+        cfg.dataset = resolve_normalization(cfg.dataset, manifest, dataset_dir(cfg.dataset))
     except FileNotFoundError as e:
         if not cluster.dry_run:
             raise
@@ -354,6 +362,7 @@ def main(dcfg: DictConfig) -> None:
 
 
 def cli() -> None:
+    sys.argv = multirun_flag_first(sys.argv)
     register_configs()
     register_cluster_configs()
     main()

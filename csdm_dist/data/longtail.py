@@ -1,5 +1,6 @@
 """Long-tailed subsets: per-class counts n_c = floor(n_max * IF^(-c/(C-1))), a pinned random choice of images, the
-relabelling of a class order, and a balanced validation split from the images the subset did not take."""
+relabelling of a class order, a balanced validation split from the images the subset did not take, and a balanced
+test split held out from the training images before the subset is drawn (image folders without test/)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +10,7 @@ import numpy as np
 
 _EPS = 1e-6  # absorbs float error so that e.g. 6000 * 100^0 or 6000 * 100^-1 = 60 do not floor one too low
 VAL_STREAM = 1  # second word of the val split's seed, [seed, VAL_STREAM]: independent of the subset's draw
+HELDOUT_STREAM = 2  # second word of the held-out test split's seed, [seed, HELDOUT_STREAM]
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -33,7 +35,8 @@ def select_longtail(labels: np.ndarray, counts: list[int], seed: int) -> np.ndar
         pool = np.flatnonzero(labels == c)
         if len(pool) < n:
             raise ValueError(f"class {c} has {len(pool)} raw training images but the long-tail profile asks for {n} "
-                             f"(head count {counts[0]}); lower dataset.n_max so every class has enough images")
+                             f"(head count {counts[0]}); lower dataset.n_max so every class has enough images, "
+                             f"or put the largest classes first with dataset.class_order")
         chosen.append(rng.choice(pool, size=n, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
@@ -69,5 +72,25 @@ def select_val(labels: np.ndarray, taken: np.ndarray, per_class: int, num_classe
             raise ValueError(f"class {c}{name} has {len(pool)} raw training images left after the long-tailed "
                              f"subset took {int(np.sum(labels[~free] == c))}, fewer than dataset.val_per_class="
                              f"{per_class}; use a smaller dataset.val_per_class or dataset.n_max")
+        chosen.append(rng.choice(pool, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.empty(0, np.int64)
+
+
+def select_heldout(labels: np.ndarray, per_class: int, num_classes: int, seed: int,
+                   class_names: list[str] | None = None) -> np.ndarray:
+    """Sorted indices into `labels` of per_class images of each class, drawn with the pinned seed
+    [seed, HELDOUT_STREAM]: a balanced test split taken out of the training images before anything else, so
+    that every class keeps at least one training image."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, HELDOUT_STREAM])
+    chosen = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) <= per_class:
+            name = f" ({class_names[c]})" if class_names and c < len(class_names) else ""
+            raise ValueError(f"class {c}{name} has {len(pool)} training images; holding out dataset.test_per_class="
+                             f"{per_class} of them for the test split would leave {max(0, len(pool) - per_class)} "
+                             f"for training (at least 1 needed); lower dataset.test_per_class, or add a test/ "
+                             f"folder with the same class folders")
         chosen.append(rng.choice(pool, size=per_class, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.empty(0, np.int64)

@@ -3,8 +3,10 @@ that (re)builds it.
 
 `manifest.json` records per split (`train`, `test`, optional `val`) the per-class `counts`, `num_samples`, the
 `shards` and their `shard_sizes`, and `ids_hash` (sha256 of the split's (id, label) pairs); besides the label
-map (`class_names`, `class_order` = the raw class index of every label), the `config_hash` of the build, the
-hashed `config_fields` and the `build_overrides` of the command that built it.
+map (`class_names`, `class_order` = the raw class index of every label), the training split's per-channel `mean`
+and `std` (0-1 pixel scale; runs with empty dataset.mean/std use them), `counts_from` (`formula`, `natural` or
+`split lists`), `test_from` (`test split` or `held out`), the `config_hash` of the build, the hashed
+`config_fields` and the `build_overrides` of the command that built it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ FORMAT_VERSION = 1  # bump when the shard or manifest layout changes, so old bui
 DATASET_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dataset"
 # dataset keys that decide what is built, in the order build_command writes them (data_root, raw_root always)
 BUILD_KEYS = ("name", "source", "num_classes", "channels", "image_size", "imbalance_factor", "n_max", "val_per_class",
-              "class_order", "seed", "samples_per_shard", "data_root", "raw_root", "split_lists", "download")
+              "test_per_class", "skip_bad_files", "class_order", "seed", "samples_per_shard", "data_root", "raw_root",
+              "split_lists", "download")
 EVAL_SPLITS = {"tune": "val", "report": "test"}  # DESIGN.md section 7: choose on val, report on test
 
 
@@ -40,16 +43,21 @@ class ManifestError(ShardError):
 # ---------------------------------------------------------------------------------------------------- config hash
 
 def config_fields(cfg: DataConfig) -> dict[str, Any]:
-    """The fields that define the built data (not where it lives, nor the normalisation)."""
+    """The fields that define the built data (not where it lives, nor the normalisation). For an image folder its
+    raw_root (as an absolute path) is the data itself, so it is one of them: another folder is another dataset."""
     fields: dict[str, Any] = {"format": FORMAT_VERSION, "name": cfg.name, "source": cfg.source,
                               "num_classes": cfg.num_classes, "channels": cfg.channels, "image_size": cfg.image_size,
                               "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard}
     if cfg.source != "imagenet_lt":  # ImageNet-LT's subset comes from its lists, not the IF formula
-        fields.update(imbalance_factor=float(cfg.imbalance_factor), n_max=cfg.n_max)
+        imbalance = None if cfg.imbalance_factor is None else float(cfg.imbalance_factor)  # None: natural counts
+        fields.update(imbalance_factor=imbalance, n_max=cfg.n_max)
     if cfg.class_permutation() is not None:  # only then: natural-order builds keep their hash
         fields["class_order"] = cfg.class_permutation()
     if cfg.val_per_class > 0:
         fields["val_per_class"] = cfg.val_per_class
+    if cfg.source == "imagefolder":
+        fields.update(raw_root=str(Path(cfg.raw_root).expanduser().resolve()), test_per_class=cfg.test_per_class,
+                      skip_bad_files=cfg.skip_bad_files)
     return fields
 
 

@@ -37,12 +37,13 @@ class ShardData:
 
 def dataset_dir(cfg: DataConfig) -> Path:
     """Folder of the built dataset: one per (name, imbalance factor, seed, class order), `-order<8-hex hash of the
-    order>` appended for a non-natural dataset.class_order; ImageNet-LT is fixed by its lists."""
+    order>` appended for a non-natural dataset.class_order; `-ifnatural-` for imbalance_factor null (natural
+    counts); ImageNet-LT is fixed by its lists."""
     if cfg.source == "imagenet_lt":
         return Path(cfg.data_root) / cfg.name
     order = cfg.class_permutation()
     suffix = f"-order{order_tag(order)}" if order is not None else ""
-    return Path(cfg.data_root) / f"{cfg.name}-if{cfg.imbalance_factor:g}-seed{cfg.seed}{suffix}"
+    return Path(cfg.data_root) / f"{cfg.name}-if{cfg.imbalance_tag()}-seed{cfg.seed}{suffix}"
 
 
 def encode_png(image: np.ndarray) -> bytes:

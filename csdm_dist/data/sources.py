@@ -2,10 +2,12 @@
 
 Every reader converts images to cfg.channels (L or RGB) and cfg.image_size (centre crop to square, bicubic resize)
 when they differ; `load_source(cfg, split)` then checks labels and the class count against the config.
+`has_split(cfg, split)` says whether the raw data has a split (an image folder may lack test/).
 """
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -22,8 +24,14 @@ from csdm_dist.config import ConfigError, DataConfig
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# source=imagefolder: file name endings read as images (case-insensitive), as torchvision's ImageFolder plus gif
+FOLDER_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+BAD_FILES_SHOWN = 5  # paths named in the warning about skipped files
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+log = logging.getLogger(__name__)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -50,6 +58,13 @@ def load_source(cfg: DataConfig, split: str) -> RawSplit:
     raw = _READERS[cfg.source](cfg, split)
     _check_split(raw, cfg, split)
     return raw
+
+
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """Whether the raw data holds `split`: always, except `test` for an image folder without test/."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return cfg.source != "imagefolder" or split == "train" or (Path(cfg.raw_root) / split).is_dir()
 
 
 _DOWNLOADABLE = {"fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -93,25 +108,47 @@ def _conform(images: np.ndarray, channels: int, size: int) -> np.ndarray:
     return out
 
 
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
+
+
+def _decode_file(path: Path, channels: int, size: int, advice: str) -> np.ndarray:
+    """One image file -> uint8 [size, size, channels]; RawDataError naming the file (and `advice`) if unreadable."""
+    try:
+        with Image.open(path) as img:
+            return to_square_array(img, channels, size)
+    except FileNotFoundError as e:
+        raise DatasetNotFoundError(f"image {path} is missing; check dataset.raw_root") from e
+    except _DECODE_ERRORS as e:
+        raise RawDataError(f"cannot decode image {path} ({type(e).__name__}: {e}); {advice}") from e
+
+
 def _decode_files(paths: list[Path], channels: int, size: int, desc: str) -> np.ndarray:
     """Decode image files in parallel threads (PIL releases the GIL while decoding) with a progress bar."""
+    return _decode_many(paths, channels, size, desc, "restore it from the original archive", skip_bad=False)[0]
+
+
+def _decode_many(paths: list[Path], channels: int, size: int, desc: str, advice: str,
+                 skip_bad: bool) -> tuple[np.ndarray, list[tuple[Path, str]]]:
+    """(images of the readable files in order, [(path, reason)] of the unreadable ones). The first unreadable
+    file raises RawDataError (naming it, then `advice`) unless skip_bad."""
     out = np.empty((len(paths), size, size, channels), np.uint8)
+    bad: list[str | None] = [None] * len(paths)
 
     def load(i: int) -> None:
         try:
-            with Image.open(paths[i]) as img:
-                out[i] = to_square_array(img, channels, size)
-        except FileNotFoundError as e:
-            raise DatasetNotFoundError(f"image {paths[i]} is missing; check dataset.raw_root") from e
-        except OSError as e:
-            raise RawDataError(f"cannot decode image {paths[i]} ({e}); restore it from the original archive") from e
+            out[i] = _decode_file(paths[i], channels, size, advice)
+        except RawDataError as e:
+            if not skip_bad:
+                raise
+            bad[i] = f"{type(e.__cause__).__name__}: {e.__cause__}"
 
     chunk = 4096  # bounds the number of pending futures for million-image folders
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, tqdm(total=len(paths), desc=desc, unit="img") as bar:
         for start in range(0, len(paths), chunk):
             for _ in pool.map(load, range(start, min(start + chunk, len(paths)))):
                 bar.update()
-    return out
+    ok = np.array([b is None for b in bad], bool)
+    return (out if ok.all() else out[ok]), [(paths[i], b) for i, b in enumerate(bad) if b is not None]
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -295,8 +332,103 @@ def _imagenet_lt(cfg: DataConfig, split: str) -> RawSplit:
     return RawSplit(images, np.asarray([label for _, label in entries], np.int64), names)
 
 
+# ---------------------------------------------------------------------------------------------------- imagefolder
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder split (`folder`/<class>/...): sorted names, hidden ones left out."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not _hidden(d.name))
+
+
+def folder_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) anywhere under `folder`, sorted, hidden files and folders left out; an image
+    is a file whose name ends in one of FOLDER_EXTENSIONS (any case)."""
+    images, others = [], []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(files):
+            if not _hidden(name):
+                (images if name.lower().endswith(FOLDER_EXTENSIONS) else others).append(Path(root) / name)
+    return sorted(images), sorted(others)
+
+
+def _names(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+def _imagefolder_classes(cfg: DataConfig, split: str) -> tuple[Path, list[str]]:
+    """(the split's folder, the class names from train/), checking the class count and test/'s class folders."""
+    root = Path(cfg.raw_root)
+    train = root / "train"
+    _require_dir(train, f"image folder (dataset.raw_root={root} must hold train/<class>/<images>, optionally "
+                        f"test/<class>/<images>)")
+    names = folder_classes(train)
+    if len(names) < 2:
+        raise RawDataError(f"{train} holds {len(names)} class folder(s) ({_names(names) or 'none'}); an image "
+                           f"folder needs at least 2, each class's images in its own folder train/<class>/")
+    if len(names) != cfg.num_classes:
+        raise ConfigError(f"invalid config `dataset.num_classes`: it is {cfg.num_classes} but {train} holds "
+                          f"{len(names)} class folders ({_names(names)}); set dataset.num_classes={len(names)}")
+    folder = root / split
+    if split != "train":
+        _require_dir(folder, f"image folder {split} split (or no {split}/ folder and dataset.test_per_class=N)")
+        found = folder_classes(folder)
+        missing, extra = sorted(set(names) - set(found)), sorted(set(found) - set(names))
+        if missing or extra:
+            said = "; ".join(part for part in (f"missing in {split}/: {_names(missing)}" if missing else "",
+                                               f"not in train/: {_names(extra)}" if extra else "") if part)
+            raise RawDataError(f"{folder} must hold the same class folders as {train} ({said}); add or remove "
+                               f"folders so they match, or remove {split}/ and set dataset.test_per_class=N to hold "
+                               f"out N training images per class instead")
+    return folder, names
+
+
+def _warn_skipped(bad: list[tuple[Path, str]], split: str) -> None:
+    shown = "; ".join(f"{p} ({why})" for p, why in bad[:BAD_FILES_SHOWN])
+    more = f"; and {len(bad) - BAD_FILES_SHOWN} more" if len(bad) > BAD_FILES_SHOWN else ""
+    log.warning("imagefolder %s: skipped %d unreadable file(s) (dataset.skip_bad_files=true): %s%s", split, len(bad),
+                shown, more)
+
+
+def _imagefolder(cfg: DataConfig, split: str) -> RawSplit:
+    """raw_root/<split>/<class>/**/<image>: classes = train/'s folder names, sorted; any format PIL reads."""
+    folder, names = _imagefolder_classes(cfg, split)
+    paths, labels, ignored = [], [], []
+    for label, name in enumerate(tqdm(names, desc=f"list {folder}", unit="class")):
+        files, others = folder_images(folder / name)
+        if not files:
+            raise RawDataError(f"class folder {folder / name} holds no image files (names ending in "
+                               f"{', '.join(FOLDER_EXTENSIONS)}); add images or remove the folder (and lower "
+                               f"dataset.num_classes)")
+        paths += files
+        labels += [label] * len(files)
+        ignored += others
+    if ignored:
+        log.warning("imagefolder %s: ignored %d file(s) whose names do not end in an image extension (%s): %s",
+                    split, len(ignored), ", ".join(FOLDER_EXTENSIONS), _names([str(p) for p in ignored], 5))
+    advice = "fix or remove it, or set dataset.skip_bad_files=true to skip unreadable files (with a warning)"
+    images, bad = _decode_many(paths, cfg.channels, cfg.image_size, f"imagefolder {split}", advice,
+                               cfg.skip_bad_files)
+    labels_arr = np.asarray(labels, np.int64)
+    if bad:
+        _warn_skipped(bad, split)
+        skipped = {p for p, _ in bad}
+        labels_arr = labels_arr[[p not in skipped for p in paths]]
+        left = np.bincount(labels_arr, minlength=len(names))
+        empty = [names[c] for c in np.flatnonzero(left == 0)]
+        if empty:
+            raise RawDataError(f"class folder(s) {_names([str(folder / n) for n in empty])} hold no readable "
+                               f"image after skipping unreadable files; add images or remove the folder(s) (and "
+                               f"lower dataset.num_classes)")
+    return RawSplit(images, labels_arr, names)
+
+
 _READERS = {"fashion_mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar,
-            "tiny_imagenet": _tiny_imagenet, "imagenet": _imagenet, "imagenet_lt": _imagenet_lt}
+            "tiny_imagenet": _tiny_imagenet, "imagenet": _imagenet, "imagenet_lt": _imagenet_lt,
+            "imagefolder": _imagefolder}
 
 
 # ---------------------------------------------------------------------------------------------------- checks

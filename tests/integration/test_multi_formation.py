@@ -111,3 +111,26 @@ def test_cosine_schedule_resumes_exactly(data_overrides, tmp_path):
 
     assert torch.equal(images("full"), images("cut"))
     assert not torch.equal(images("full"), images("constant"))
+
+
+def test_at_steps_evaluates_intermediate_sets_without_changing_the_run(data_overrides, tmp_path):
+    """eval.at_steps: an accuracy-against-steps curve from one run; the evaluations do not perturb the
+    distillation (its randomness is a function of the step), and a listed step past the budget is refused."""
+    common = data_overrides + TINY + FORMATION + ["distill.iterations=3", "baseline=false"]
+    _, res = distil(common + ["eval.at_steps=[1,2]", f"out_dir={tmp_path / 'curve'}"])
+    _, plain = distil(common + [f"out_dir={tmp_path / 'plain'}"])
+    curve = res["accuracy_at_steps"]
+    assert list(curve) == ["1", "2", "3"] and curve["3"] == res["accuracy"]
+    assert all(curve[k]["train_images"] == 80 for k in curve)
+    assert "accuracy_at_steps" not in plain
+    kept = (tmp_path / "curve" / "accuracy_at_steps.json").read_text()
+    assert '"1"' in kept and '"2"' in kept
+
+    def images(name):
+        return torch.load(tmp_path / name / "distilled.pt", weights_only=False)["images"]
+
+    assert torch.equal(images("curve"), images("plain"))
+    with pytest.raises(ConfigError, match=r"eval\.at_steps.*below distill\.iterations"):
+        to_config(compose_cfg(common + ["eval.at_steps=[3]"]))
+    with pytest.raises(ConfigError, match=r"eval\.at_steps.*strictly increasing"):
+        to_config(compose_cfg(common + ["eval.at_steps=[2,1]"]))

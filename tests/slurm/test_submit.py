@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from slurm_helpers import ROOT, TINY, run_submit
-from csdm_dist.cluster import register_cluster_configs, split_submit_config
+from csdm_dist.cluster import multirun_flag_first, register_cluster_configs, split_submit_config
 from csdm_dist.config import ConfigError, register_configs, to_config
 from csdm_dist.memory import estimate_memory
 from launch.submit import DistillJob, submit
@@ -68,10 +68,11 @@ def test_cpu_tasks_ask_for_no_gpus(tmp_path):
 
 
 def test_cli_sweep_prints_one_job_per_point(tmp_path):
-    """`-m ipc=10,50 dataset.imbalance_factor=10,100`: four jobs, four readable run directories."""
-    out = run_submit(["ipc=10,50", "dataset.imbalance_factor=10,100", "cluster=slurm", "cluster.partition=gpu",
+    """`cluster=slurm cluster.partition=gpu -m ipc=10,50 dataset.imbalance_factor=10,100`, with `-m` where README
+    writes it (after the first overrides): four jobs, four readable run directories."""
+    out = run_submit(["cluster=slurm", "cluster.partition=gpu", "-m", "ipc=10,50", "dataset.imbalance_factor=10,100",
                       "cluster.dry_run=true", f"cluster.output_root={tmp_path}", f"dataset.data_root={tmp_path}"],
-                     multirun=True, cwd=tmp_path)
+                     cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     names = re.findall(r"#SBATCH --job-name=(\S+)", out.stdout)
     assert sorted(names) == sorted(f"csdm-fashion_mnist_lt-csdm-ipc{i}-if{f}-seed0" for i in (10, 50)
@@ -88,8 +89,7 @@ def test_unknown_cluster_or_dataset_is_refused(tmp_path, override, message):
     assert "submitted job" not in out.stdout
 
 
-@pytest.mark.parametrize("overrides,key", [(["cluster=slurm"], "cluster.partition"),
-                                           (["cluster=local", "cluster.nodes=2"], "cluster.nodes"),
+@pytest.mark.parametrize("overrides,key", [(["cluster=local", "cluster.nodes=2"], "cluster.nodes"),
                                            (["cluster=slurm", "cluster.partition=p", "cluster.signal_delay_s=600",
                                              "cluster.time_min=5"], "cluster.signal_delay_s")])
 def test_invalid_cluster_config_names_the_key(overrides, key):
@@ -161,3 +161,17 @@ def test_local_cluster_runs_two_tasks(tmp_path, tiny_dataset):
     assert "finished" in out.stdout and (run / "config_resolved.yaml").is_file()
     resolved = OmegaConf.load(run / "config_resolved.yaml")
     assert Path(resolved.out_dir) == run and resolved.cluster.name == "local"
+
+
+def test_without_a_partition_the_job_goes_to_the_default_one(tmp_path):
+    """`cluster=slurm` alone, as the mission writes it: no --partition line, so sbatch uses the default."""
+    cfg = compose_submit(["cluster=slurm", "cluster.dry_run=true", f"cluster.output_root={tmp_path}",
+                          f"dataset.data_root={tmp_path}"])
+    text = submit(cfg)
+    assert "#SBATCH --nodes=1" in text and "--partition" not in text
+
+
+def test_multirun_flag_is_moved_first():
+    argv = ["submit.py", "cluster=slurm", "-m", "ipc=10,50"]
+    assert multirun_flag_first(argv) == ["submit.py", "-m", "cluster=slurm", "ipc=10,50"]
+    assert multirun_flag_first(["x", "ipc=1"]) == ["x", "ipc=1"]

@@ -57,16 +57,39 @@ def test_quality_aggregate_over_seeds_and_single_seed():
     assert math.isclose(two["std"], math.sqrt(2.0)) and two["std_over"] == "seeds" and two["num_seeds"] == 2
 
 
-def test_quality_markdown_reports_csdm_margin_per_seed():
+SETTINGS = {"iterations": 200, "factor": 2, "init": "mix", "lr": 0.03, "lr_schedule": "constant",
+            "extractor": "random", "eval": {"protocol": "dm", "arch": "convnet", "epochs": 300, "repeats": 3,
+                                             "split": "val"}}
+
+
+def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
     import quality
 
-    def cell(method, means):
-        seeds = [{"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m, "distill_s": 1.0, "eval_s": 1.0}
+    def cell(method, means, order="hardtail"):
+        seeds = [{"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m - 5, "distill_s": 1.0,
+                  "eval_s": 1.0, "at_steps": {"100": m - 2, "200": m}, "settings": SETTINGS}
                  for k, m in enumerate(means)]
-        return {"imbalance_factor": 10.0, "method": method, **quality.aggregate(seeds), "seeds": seeds}
+        return quality.cell_row(order, 10.0, 10, method, "hard", seeds)
 
     rows = [cell("dm", [79.0, 79.5]), cell("ncfm", [80.0, 81.0]), cell("csdm", [80.5, 80.9])]
-    args = type("Args", (), {"ipc": 10, "seeds": [0, 1]})
-    table = quality.markdown(rows, args, "full", [])
+    assert rows[2]["seeds"] == [0, 1] and rows[2]["accuracy"] == [80.5, 80.9] and rows[2]["few"] == 75.7
+    assert rows[2]["accuracy_at_steps"] == {"100": 78.7, "200": 80.7} and rows[2]["labels"] == "hard"
+    args = type("Args", (), {"seeds": [0, 1], "labels": "hard", "split": "val"})
+    table = quality.markdown(rows, args, "full", ["synthetic.factor=2"])
+    assert "### hardtail class order, IPC 10" in table and "hard labels, val split" in table
     assert "| 10 | 79.25 +- 0.35 | 80.50 +- 0.71 | 80.70 +- 0.28 |" in table
-    assert "IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10)" in table
+    assert ("IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10); csdm - dm = +1.45 (per seed: +1.50, +1.40)"
+            in table)
+    assert "200 steps, factor 2, init mix" in table and "| 10 | csdm | 78.70 | 80.70 |" in table
+    mixed = [dict(s, settings={**SETTINGS, "factor": 1}) if s["seed"] else s for s in rows[0]["per_seed"]]
+    with pytest.raises(SystemExit, match="different settings"):
+        quality.cell_row("hardtail", 10.0, 10, "dm", "hard", mixed)
+
+
+def test_quality_reuse_check_names_the_keys_that_differ():
+    import quality
+
+    want = {"out_dir": "a", "seed": 0, "distill": {"iterations": 200, "lr": 0.03}, "eval": {"split": "val"}}
+    have = {"out_dir": "b", "seed": 0, "distill": {"iterations": 500, "lr": 0.03}, "eval": {"split": "test"}}
+    assert sorted(quality.differences(want, have)) == ["distill.iterations", "eval.split"]
+    assert quality.differences(want, {**want, "out_dir": "elsewhere"}) == []

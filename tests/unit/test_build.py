@@ -161,7 +161,7 @@ def test_dataset_configs_validate(name):
 def test_fashion_mnist_configs_have_a_val_split_and_the_hardtail_order():
     plain, hard = _compose_data(["dataset=fashion_mnist_lt"]), _compose_data(["dataset=fashion_mnist_lt_hardtail"])
     assert (plain.n_max, plain.val_per_class, plain.class_order) == (5000, 500, None)
-    assert hard.class_order == [1, 8, 5, 9, 7, 3, 2, 4, 0, 6] and (hard.n_max, hard.val_per_class) == (5000, 500)
+    assert hard.class_order == [8, 1, 5, 7, 9, 3, 0, 4, 2, 6] and (hard.n_max, hard.val_per_class) == (5000, 500)
     assert hard.raw_root == plain.raw_root and hard.mean == plain.mean
     assert dataset_dir(hard).name.startswith("fashion_mnist_lt_hardtail-if100-seed0-order")
 

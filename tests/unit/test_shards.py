@@ -232,7 +232,7 @@ def test_missing_manifest_gives_the_exact_build_command(tmp_path):
         load_manifest(ddir, cfg)
     hard = fake_config("fashion_mnist", "/raw", "d", name="fashion_mnist_lt_hardtail", seed=2, imbalance_factor=10.0,
                        n_max=5000, val_per_class=500, samples_per_shard=2000,
-                       class_order=[1, 8, 5, 9, 7, 3, 2, 4, 0, 6])  # the YAML's values but seed and IF
+                       class_order=[8, 1, 5, 7, 9, 3, 0, 4, 2, 6])  # the YAML's values but seed and IF
     assert build_command(hard) == ("python -m data_prep.build dataset=fashion_mnist_lt_hardtail "
                                    "dataset.imbalance_factor=10 dataset.seed=2 dataset.data_root=d "
                                    "dataset.raw_root=/raw")

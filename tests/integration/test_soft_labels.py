@@ -1,0 +1,140 @@
+"""The soft-label track end to end on the tiny fake Fashion-MNIST-LT (issue #11): a teacher trained for one epoch,
+a labels.kind=soft distillation storing the teacher's logits of its decoded images, their evaluation (stored soft
+labels, online relabelling, other architectures, the evaluate CLI), KD that behaves like hard labels on one-hot
+soft labels, and the start-up refusals (teacher of another build or architecture, no soft labels, no teacher).
+
+Run: .venv/bin/python -m pytest tests/integration/test_soft_labels.py -q
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csdm_dist import formation
+from csdm_dist.config import ConfigError, EvalConfig, ExtractorConfig, to_config
+from csdm_dist.data.shards import dataset_dir, load_manifest, read_split
+from csdm_dist.dist import close_distributed, init_distributed
+from csdm_dist.distiller import Normalizer
+from csdm_dist.evaluate import evaluate_file, train_and_test
+from csdm_dist.softlabels import log_prior, soft_label_bytes
+from csdm_dist.teacher import load_teacher, results_path, train_teacher
+from runs import TINY, compose_cfg, distil
+
+ROOT = Path(__file__).resolve().parents[2]
+TEACHER = ["teacher.width=16", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def teacher_file(data_overrides, tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    cfg = to_config(compose_cfg(data_overrides + TEACHER + [f"labels.teacher={path}", "device=cpu"], name="teacher"))
+    rt = init_distributed("cpu")
+    try:
+        train_teacher(cfg, rt)
+    finally:
+        close_distributed()
+    return path
+
+
+@pytest.fixture(scope="module")
+def soft_run(data_overrides, teacher_file, tmp_path_factory):
+    """A labels.kind=soft distillation at synthetic.factor=2 with a prior shift, evaluated on the soft track."""
+    out = tmp_path_factory.mktemp("soft") / "run"
+    cfg, res = distil(data_overrides + TINY + TEACHER + [
+        "labels.kind=soft", f"labels.teacher={teacher_file}", "labels.prior_adjust=0.5", "synthetic.factor=2",
+        "distill.iterations=2", "eval.protocol=ncfm", f"out_dir={out}"])
+    return cfg, res, out
+
+
+def test_teacher_file_and_its_results(teacher_file):
+    blob = torch.load(teacher_file, weights_only=True)
+    prov = blob["provenance"]
+    assert prov["arch"] == "convnet" and prov["loss"] == "logit_adjusted" and prov["tau"] == 1.0
+    assert prov["counts"] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3] and prov["ids_hash"] and prov["data_config_hash"]
+    record = json.loads(results_path(teacher_file).read_text())
+    acc = record["accuracy"]
+    assert record["split"] == "test" and 0 <= acc["mean"] <= 100 and len(acc["per_class"]) == 10
+    assert {"many", "medium", "few"} <= acc.keys()
+    assert record["bn_pass"]["per_class"] == 11 and record["bn_pass"]["batches"] == 4  # 118 images // 10 classes; 110 in batches of 32
+    bn = blob["state_dict"]["features.1.running_mean"]
+    assert torch.isfinite(bn).all() and int(blob["state_dict"]["features.1.num_batches_tracked"]) == 4
+
+
+def test_soft_distillation_stores_the_teachers_logits_of_the_decoded_images(soft_run, teacher_file, capsys):
+    cfg, res, out = soft_run
+    blob = torch.load(out / "distilled.pt", weights_only=False)
+    soft = blob["soft_labels"]
+    assert soft.dtype == torch.float32 and soft.shape == (2 * 10 * 4, 10) and blob["temperature"] == 4.0
+    teacher = load_teacher(cfg, load_manifest(dataset_dir(cfg.dataset)), torch.device("cpu"))
+    decoded = formation.decode(blob["images"], 2)
+    torch.testing.assert_close(soft, teacher.logits(decoded, 0.5))  # in decoded order, after the prior shift
+    plain = teacher.logits(decoded)
+    torch.testing.assert_close(soft, plain - 0.5 * log_prior(blob["class_counts"]))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["labels"] == "soft" and saved["accuracy"]["labels"] == "soft"
+    assert saved["baseline_random"]["labels"] == "soft"  # the baseline is labelled by the same teacher
+    assert saved["soft_labels"]["bytes"] == soft_label_bytes(10, 2, 2) == soft.numel() * 4
+    assert saved["soft_labels"]["teacher"] == str(teacher_file)
+    assert res["accuracy"]["train_images"] == 80
+
+
+def test_soft_set_evaluates_on_every_track_and_architecture(soft_run):
+    _, _, out = soft_run
+    path = out / "distilled.pt"
+    acc = evaluate_file(path, {"labels": "soft", "protocol": "dm", "epochs": 1, "repeats": 1, "arch": "vgg11"}, "cpu")
+    assert acc["labels"] == "soft" and acc["arch"] == "vgg11" and len(acc["per_class"]) == 10
+    assert (out / "eval-dm-1ep-vgg11-soft.json").is_file()
+    online = evaluate_file(path, {"relabel": "online", "epochs": 1, "repeats": 1}, "cpu")  # teacher from the config
+    assert online["relabel"] == "online" and online["labels"] == "soft"
+    hard = evaluate_file(path, {"labels": "hard", "epochs": 1, "repeats": 1}, "cpu")
+    assert hard["labels"] == "hard" and hard["arch"] == "convnet" and (out / "eval-ncfm-1ep.json").is_file()
+
+
+def test_evaluate_cli_on_soft_labels_and_a_set_without_them(soft_run, data_overrides, tmp_path):
+    _, _, out = soft_run
+    ok = subprocess.run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={out / 'distilled.pt'}",
+                         "eval.labels=soft", "eval.arch=alexnet", "eval.epochs=1", "eval.repeats=1", "device=cpu"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "labels: soft, alexnet" in ok.stdout and (out / "eval-ncfm-1ep-alexnet-soft.json").is_file()
+    distil(data_overrides + TINY + ["distill.iterations=1", "evaluate=false", f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"`eval\.labels`.*has none.*eval\.labels=hard.*labels\.kind=soft"):
+        evaluate_file(tmp_path / "distilled.pt", {"labels": "soft"}, "cpu")  # what the CLI prints, exit code 2
+    assert not list(tmp_path.glob("eval-*.json"))  # refused before evaluating anything
+
+
+@pytest.mark.parametrize("protocol", ["dm", "ncfm"])
+def test_one_hot_soft_labels_train_like_hard_labels(data_overrides, protocol):
+    cfg = to_config(compose_cfg(data_overrides + TINY))
+    ddir = dataset_dir(cfg.dataset)
+    train, test = read_split(ddir, "train"), read_split(ddir, "test")
+    norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, torch.device("cpu"))
+    images, labels = norm(train.images[:40]), train.labels[:40]
+    net = ExtractorConfig(width=16, depth=2)
+    common = (test.images, test.labels, norm, 10)
+    args = (net, 28, 0, 0, torch.device("cpu"), "t")
+    ev = dict(protocol=protocol, epochs=2, repeats=1, batch_size=16)
+    hard = train_and_test(images, labels, *common, EvalConfig(labels="hard", **ev), *args)
+    soft = train_and_test(images, labels, *common, EvalConfig(labels="soft", **ev), *args,
+                          soft=F.one_hot(labels, 10).float() * 1e3, temperature=1.0)
+    torch.testing.assert_close(soft[0], hard[0])
+    torch.testing.assert_close(soft[1], hard[1])
+
+
+def test_teacher_of_another_architecture_or_build_is_refused_before_the_run(data_overrides, teacher_file, tmp_path):
+    over = data_overrides + TINY + TEACHER + ["labels.kind=soft", "distill.iterations=1"]
+    with pytest.raises(ConfigError, match=r"`teacher\.arch`.*arch='convnet'.*arch='resnet18'"):
+        distil(over + [f"labels.teacher={teacher_file}", "teacher.arch=resnet18", f"out_dir={tmp_path / 'arch'}"])
+    blob = torch.load(teacher_file, weights_only=True)
+    blob["provenance"]["data_config_hash"] = "0" * 64  # a teacher of another build of the data
+    other = tmp_path / "other.pt"
+    torch.save(blob, other)
+    with pytest.raises(ConfigError, match=r"`labels\.teacher`.*another dataset build.*python -m csdm_dist\.teacher"):
+        distil(over + [f"labels.teacher={other}", f"out_dir={tmp_path / 'data'}"])
+    with pytest.raises(FileNotFoundError, match=r"python -m csdm_dist\.teacher"):
+        distil(over + [f"labels.teacher={tmp_path / 'none.pt'}", f"out_dir={tmp_path / 'none'}"])
+    assert not any((tmp_path / d).exists() for d in ("arch", "data", "none"))  # refused before writing anything
