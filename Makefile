@@ -1,5 +1,5 @@
 # make run   : install, build Fashion-MNIST-LT (IF 100), distil it with CSDM (IPC 10) and evaluate vs random-real
-# make test  : install, run the test suite (CPU; 2-process tests use gloo)
+# make test  : install (and Fashion-MNIST, for the GPU-bundle smoke test), run the test suite (CPU; 2-process tests use gloo)
 # Both are idempotent: the venv is rebuilt only when pyproject.toml changes, the dataset only when missing.
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST ?= /usr/share/datasets/fashion-mnist
 ARGS   ?=
 
-.PHONY: install fmnist data run test bench clean
+.PHONY: install fmnist data run test bench clean gpu-bundle
 
 install: $(STAMP)
 
@@ -36,8 +36,14 @@ data: install fmnist
 run: data
 	$(PY) -m csdm_dist.distill $(ARGS)
 
-test: install
+test: install fmnist
 	$(PY) -m pytest -q
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
+
+# .gpu/ (git-ignored, <= 48 MiB): wheels for the device's Python 3.12 of what its image lacks, and Fashion-MNIST;
+# benchmarks/gpu.sh OUT --bundle .gpu installs and runs it there (docs/gpu.md). Idempotent; wheels are cached in
+# ~/.cache/csdm-gpu-wheels ($CSDM_GPU_CACHE).
+gpu-bundle: install fmnist
+	$(PY) benchmarks/gpu_bundle.py build --out .gpu --fmnist $(FMNIST)

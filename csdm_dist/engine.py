@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .config import Config, DistillConfig
+from .config import Config, ConfigError, DistillConfig
 from .dist import ParallelLayout, Runtime
 
 
@@ -105,9 +105,28 @@ def _local_rank_env(local_rank: int) -> Iterator[None]:
             del os.environ["LOCAL_RANK"]
 
 
-def build_engine(images: Tensor, cfg: Config, layout: ParallelLayout, rt: Runtime):
+def import_deepspeed(device: torch.device):
+    """DeepSpeed with the accelerator of the run's device. DeepSpeed picks CUDA whenever it is present, so a
+    device=cpu run on a GPU machine would move its images to cuda:LOCAL_RANK: DS_ACCELERATOR is set from the
+    device before the first import, and an accelerator that still disagrees is refused. DeepSpeed's C++
+    shared-memory op (a minute of g++ on first use) is not built: the run's collectives go through
+    torch.distributed."""
+    want = "cuda" if device.type == "cuda" else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", want)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    got = get_accelerator().device_name()
+    if got != want:
+        raise ConfigError(f"invalid config `device`: the run is on {device} but DeepSpeed's accelerator is {got!r} "
+                          f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}); unset DS_ACCELERATOR or set it to "
+                          f"{want}")
+    return deepspeed
+
+
+def build_engine(images: Tensor, cfg: Config, layout: ParallelLayout, rt: Runtime):
+    deepspeed = import_deepspeed(rt.device)
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     module = SyntheticImages(images).to(rt.device)

@@ -13,7 +13,6 @@ Key of decoded image i: its 9-digit index. `csdm_dist.load_distilled(out)` reads
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ from .distilled import (EXPORT_KIND, EXPORT_MANIFEST, EXPORT_VERSION, NPZ, SHARD
                         clipped_fraction, dataset_info, decoded_set, distilled_path, folder_names, sample_key,
                         to_uint8)
 from .errors import UserError, one_line_errors, read_json_record
+from .extractors import file_sha256
 from .runinfo import config_hash, git_commit
 
 log = logging.getLogger("csdm_dist.export")
@@ -76,13 +76,6 @@ def run_provenance(run_dir: Path, config: dict) -> dict:
         out.update(git_commit=git_commit(), git_commit_from="this checkout, at export time (the run recorded none)")
     return out
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_manifest(s: DecodedSet, fmt: str, names: list[str], dataset: dict, provenance: dict, files: list[str],

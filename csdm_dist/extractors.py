@@ -69,7 +69,12 @@ class Extractor:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """sha256 of a file, read in 1 MiB blocks (pools, teachers and distilled sets can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_pool(path: Path, net: nn.Module, device: torch.device) -> tuple[list[tuple[list[Tensor], list[Tensor]]], str]:

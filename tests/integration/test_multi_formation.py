@@ -134,3 +134,22 @@ def test_at_steps_evaluates_intermediate_sets_without_changing_the_run(data_over
         to_config(compose_cfg(common + ["eval.at_steps=[3]"]))
     with pytest.raises(ConfigError, match=r"eval\.at_steps.*strictly increasing"):
         to_config(compose_cfg(common + ["eval.at_steps=[2,1]"]))
+
+
+def test_deepspeed_follows_the_run_device(tmp_path):
+    """DeepSpeed picks CUDA whenever it is there; a device=cpu run sets DS_ACCELERATOR=cpu before importing it,
+    and an accelerator forced against the device is refused naming the key (in a fresh process: DeepSpeed keeps
+    its accelerator for the life of the process)."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\nfrom csdm_dist.engine import import_deepspeed\n"
+            "ds = import_deepspeed(torch.device('cpu'))\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "print(os.environ['DS_ACCELERATOR'], get_accelerator().device_name())")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.split()[-2:] == ["cpu", "cpu"], ok.stderr[-2000:]
+    forced = subprocess.run([sys.executable, "-c", code], env={**env, "DS_ACCELERATOR": "cuda"},
+                            capture_output=True, text=True, timeout=300)
+    assert forced.returncode != 0 and "invalid config `device`" in forced.stderr and "DS_ACCELERATOR" in forced.stderr
