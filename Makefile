@@ -1,4 +1,5 @@
-# make run   : install, build Fashion-MNIST-LT (IF 100), distil it with CSDM (IPC 10) and evaluate vs random-real
+# make run   : install, build Fashion-MNIST-LT (IF 100), distil it with CSDM (IPC 10) and evaluate vs random-real,
+#              a quick demonstration (DEMO: 200 steps, one evaluation network)
 # make test  : install (and Fashion-MNIST, for the GPU-bundle smoke test), run the test suite (CPU; 2-process tests use gloo)
 # Both are idempotent: the venv is rebuilt only when pyproject.toml changes, the dataset only when missing.
 PYTHON ?= python3
@@ -7,6 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FMNIST ?= /usr/share/datasets/fashion-mnist
 ARGS   ?=
+DEMO   ?= distill.iterations=200 eval.repeats=1
 
 .PHONY: install fmnist data run test bench clean gpu-bundle
 
@@ -33,8 +35,11 @@ data: install fmnist
 	  $(PY) -m data_prep.build dataset=fashion_mnist_lt dataset.raw_root=data/raw/fashion-mnist dataset.download=true; \
 	fi
 
+# make run is a quick demonstration of the defaults: a shorter budget and one evaluation network (DEMO); the
+# defaults themselves (500 steps, 2 evaluation networks) are `$(PY) -m csdm_dist.distill`, or make run DEMO=
 run: data
-	$(PY) -m csdm_dist.distill $(ARGS)
+	@echo "make run: a quick demonstration ($(DEMO)); drop these for the defaults: make run DEMO="
+	$(PY) -m csdm_dist.distill $(DEMO) $(ARGS)
 
 test: install fmnist
 	$(PY) -m pytest -q

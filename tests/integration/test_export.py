@@ -35,7 +35,7 @@ def runs(data_overrides, tmp_path_factory):
     """{factor: run dir} of two finished one-step CSDM runs (ipc 2): factor 1, and factor 2 (init=mix)."""
     root = tmp_path_factory.mktemp("export-runs")
     common = data_overrides + TINY + ["distill.iterations=1", "evaluate=false", "distill.checkpoint_every=0"]
-    for f, extra in ((1, []), (2, ["synthetic.factor=2", "distill.init=mix"])):
+    for f, extra in ((1, ["synthetic.factor=1", "distill.init=real"]), (2, ["synthetic.factor=2", "distill.init=mix"])):
         distil(common + extra + [f"out_dir={root / f'f{f}'}"])
     return {1: root / "f1", 2: root / "f2"}
 

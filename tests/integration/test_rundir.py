@@ -76,7 +76,9 @@ def test_default_out_dir_names_what_is_swept():
             ([], ["dataset.imbalance_factor=10"], ["ipc=50"], ["seed=1"], ["method=dm"])}
     assert len(dirs) == 5
     cfg = to_config(compose_cfg(["dataset.imbalance_factor=10"]))
-    assert cfg.out_dir == "runs/fashion_mnist_lt/csdm-ipc10-if10-seed0" == f"runs/fashion_mnist_lt/{run_name(cfg)}"
+    assert cfg.out_dir == "runs/fashion_mnist_lt/csdm-ipc10-if10-f2-seed0" == f"runs/fashion_mnist_lt/{run_name(cfg)}"
+    f1 = to_config(compose_cfg(["dataset.imbalance_factor=10", "synthetic.factor=1"]))
+    assert f1.out_dir == "runs/fashion_mnist_lt/csdm-ipc10-if10-seed0"  # factor 1 adds nothing
     register_cluster_configs()
     job, _, _ = split_submit_config(compose_cfg(["dataset.imbalance_factor=10", "cluster.output_root=/x"],
                                                 name="submit"))

@@ -22,7 +22,7 @@ JOB = TINY + ["cluster=slurm", "cluster.partition=debug", "cluster.nodes=2", "cl
               "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.master_addr=127.0.0.1",
               "cluster.time_min=10", "cluster.max_requeues=3", f"distill.iterations={ITERATIONS}",
               "distill.checkpoint_every=2"]
-RUN = Path("fashion_mnist_lt") / "csdm-ipc2-if10-seed0"
+RUN = Path("fashion_mnist_lt") / "csdm-ipc2-if10-f2-seed0"
 FAILED_GRACE_S = 5
 FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 

@@ -40,13 +40,13 @@ def test_sbatch_script_for_two_nodes_of_four_gpus(tmp_path):
                           "+cluster.sbatch_extra.exclusive=true", "cluster.dry_run=true",
                           f"cluster.output_root={tmp_path / 'runs'}", f"dataset.data_root={tmp_path / 'data'}"])
     text = submit(cfg)
-    run = tmp_path / "runs" / "fashion_mnist_lt" / "csdm-ipc10-if100-seed0"
+    run = tmp_path / "runs" / "fashion_mnist_lt" / "csdm-ipc10-if100-f2-seed0"
     folder = run / "submitit"
     directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     for want in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=6", "--partition=gpu",
                  "--account=proj", "--time=90", "--mem=64G", "--constraint=a100", "--qos=high", "--exclusive",
                  "--requeue", "--signal=USR2@120", "--open-mode=append",
-                 "--job-name=csdm-fashion_mnist_lt-csdm-ipc10-if100-seed0",
+                 "--job-name=csdm-fashion_mnist_lt-csdm-ipc10-if100-f2-seed0",
                  f"--output={folder}/%j_0_log.out", f"--error={folder}/%j_0_log.err"):
         assert f"#SBATCH {want}" in directives, (want, directives)
     commands = [line for line in text.splitlines() if line and not line.startswith("#")]
@@ -75,7 +75,7 @@ def test_cli_sweep_prints_one_job_per_point(tmp_path):
                      cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     names = re.findall(r"#SBATCH --job-name=(\S+)", out.stdout)
-    assert sorted(names) == sorted(f"csdm-fashion_mnist_lt-csdm-ipc{i}-if{f}-seed0" for i in (10, 50)
+    assert sorted(names) == sorted(f"csdm-fashion_mnist_lt-csdm-ipc{i}-if{f}-f2-seed0" for i in (10, 50)
                                    for f in (10, 100))
     assert out.stdout.count("nothing submitted") == 4
 
@@ -155,7 +155,7 @@ def test_local_cluster_runs_two_tasks(tmp_path, tiny_dataset):
     out = run_submit(["cluster=local", "cluster.gpus_per_node=2", f"cluster.output_root={tmp_path}",
                       "distill.iterations=3", *tiny_dataset, *TINY], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = tmp_path / "fashion_mnist_lt" / "csdm-ipc2-if10-seed0"
+    run = tmp_path / "fashion_mnist_lt" / "csdm-ipc2-if10-f2-seed0"
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["timing"]["steps"] == 3
     assert "finished" in out.stdout and (run / "config_resolved.yaml").is_file()

@@ -136,7 +136,7 @@ def constant_real_set() -> RealData:
 
 def mix_cfg(*extra):
     return to_config(compose_cfg(["dataset.num_classes=3", "dataset.image_size=8", "ipc=2", "device=cpu",
-                                  "distill.init=mix", *extra]))
+                                  "distill.init=mix", "synthetic.factor=1", *extra]))
 
 
 def ids_of(x: torch.Tensor, norm: Normalizer) -> torch.Tensor:
