@@ -18,7 +18,9 @@ import torch
 from slurm_helpers import TINY, job_id_of, run_submit, submit_env
 
 ITERATIONS = 20
-JOB = TINY + ["cluster=slurm", "cluster.partition=debug", "cluster.nodes=2", "cluster.gpus_per_node=1",
+# no cluster.partition, as the mission writes `submit.py cluster=slurm ...`: the job goes to the cluster's default
+# partition (local_slurm.py's `debug`, Default=YES), with no --partition line in the sbatch script
+JOB = TINY + ["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1",
               "cluster.request_gpus=false", "cluster.cpus_per_task=1", "cluster.master_addr=127.0.0.1",
               "cluster.time_min=10", "cluster.max_requeues=3", f"distill.iterations={ITERATIONS}",
               "distill.checkpoint_every=2"]
@@ -89,7 +91,9 @@ def test_two_node_job_runs_end_to_end(slurm_cluster, uninterrupted):
         assert (run / name).is_file(), name
     script = (run / "submitit" / f"{job_id}_submission.sh").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script and "--gpus" not in script
+    assert "--partition" not in script
     info = slurm_cluster.job(job_id)
+    assert info["Partition"] == slurm_cluster.partition == "debug"  # the default partition took it
     assert info["NumNodes"] == "2" and info["NodeList"] in ("n[1-2]", "n1,n2") and info["Restarts"] == "0"
     task_logs = [(run / "submitit" / f"{job_id}_{t}_log.err").read_text() for t in (0, 1)]
     for t, text in enumerate(task_logs):  # one task per node, each a rank of the same world of two
