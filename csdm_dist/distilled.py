@@ -101,7 +101,9 @@ def distilled_path(run: Path) -> Path:
 
 
 def read_pt(path: Path) -> dict:
-    """The dict a distillation saved; UserError when the file is not one."""
+    """The dict a distillation saved (distilled.pt); UserError when it is absent or not one."""
+    if not Path(path).is_file():
+        raise UserError(f"distilled set {path} not found; run `python -m csdm_dist.distill` first")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, OSError, EOFError, ValueError) as e:

@@ -118,21 +118,19 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
             if cfg.augment:
                 op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
                 x = augment(x, op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
-            if cfg.protocol == "ncfm" and float(torch.rand((), generator=g)) < 0.5:
+            mixed = cfg.protocol == "ncfm" and float(torch.rand((), generator=g)) < 0.5
+            ya = yb = lam = None
+            if mixed:  # CutMix: targets (labels or soft probabilities) mixed with the pixels' lambda
                 x, ya, yb, lam = _cutmix(x, target, g)
-                logits = net(x)
-                if relabel is not None:  # the teacher labels the mixed batch as the student sees it
-                    loss = kd_loss(logits, soft_targets(relabel(x), temperature), temperature)
-                elif probs is not None:  # soft targets mixed with the same lambda as the pixels
-                    loss = kd_loss(logits, lam * ya + (1 - lam) * yb, temperature)
-                else:
-                    loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
-            elif relabel is not None:
-                loss = kd_loss(net(x), soft_targets(relabel(x), temperature), temperature)
+            logits = net(x)
+            if relabel is not None:  # the teacher labels the (mixed) batch as the student sees it
+                loss = kd_loss(logits, soft_targets(relabel(x), temperature), temperature)
             elif probs is not None:
-                loss = kd_loss(net(x), target, temperature)
+                loss = kd_loss(logits, lam * ya + (1 - lam) * yb if mixed else target, temperature)
+            elif mixed:
+                loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
             else:
-                loss = F.cross_entropy(net(x), y)
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -186,10 +184,6 @@ def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
     return out
 
 
-def load_distilled(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"distilled set {path} not found; run `python -m csdm_dist.distill` first")
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def stored_soft_labels(blob: dict, path: Path, n_decoded: int, num_classes: int) -> tuple[Tensor, float]:
@@ -226,9 +220,10 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     from .data.shards import dataset_dir, read_split
     from .dist import close_distributed, init_distributed
     from .distiller import Normalizer
+    from .distilled import read_pt
 
     t0 = time.perf_counter()
-    blob = load_distilled(path)
+    blob = read_pt(path)
     cfg = to_config(blob["config"])
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
     factor = blob.get("factor", 1)
