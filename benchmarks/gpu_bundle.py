@@ -413,7 +413,8 @@ def check_speed(args) -> int:
         ratio = r.get("ratio")
         target = r.get("target_ratio")
         met = "met" if ratio is not None and target is not None and ratio <= target else "not met"
-        parts.append(f"{r['device']}{' (' + r['gpu'] + ')' if r.get('gpu') else ''}: step {r['step_s'] * 1e3:.1f} ms, "
+        gpu = f" ({r['gpu']})" if r.get("gpu") else ""
+        parts.append(f"{r['device']}{gpu} {r.get('precision', '?')}: step {r['step_s'] * 1e3:.1f} ms, "
                      f"floor {r['floor_s'] * 1e3:.1f} ms, step/floor {ratio:.2f}x (target <= {target}x: {met}), "
                      f"{r['warmup_steps']} + {r['steps']} steps")
     print("; ".join(parts) if parts else f"no measurements in {args.json}")

@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/speed.py --device cpu --out benchmarks/results/speed_cpu.json
     .venv/bin/python benchmarks/speed.py --device cuda --out benchmarks/results/speed_cuda.json
+    .venv/bin/python benchmarks/speed.py --device cpu --precision fp32    # one precision only
+
+Each device is measured at each `--precision` (default fp32 and bf16; bf16 only where the device computes it
+natively, csdm_dist.extractors.bf16_support), each combination in its own process; the report gives the bf16 / fp32
+ratios of step and floor.
 
 Setting: CIFAR-10-LT shapes and counts (32 px, 3 channels, 10 classes, IF 100: 5000 ... 50 images), ConvNet depth
 3 width 128, IPC 10, M = 4096 frequencies, distill.real_per_class = 1024. The real batch is Bernoulli-subsampled
@@ -12,7 +17,8 @@ Per device: warm-up steps, then
 1. step: `Distiller.train_step` with the PhaseTimer off, as in a normal run (median over the measured steps);
 2. floor, right after each step: the bare extractor forward under torch.no_grad on x = the same step's
    `distiller.real_batch(step)`, in the step's chunks of distill.real_chunk images (median), without
-   augmentation; it includes the L2 normalisation of the features (and bf16 autocast on CUDA, as in a step);
+   augmentation; it includes the L2 normalisation of the features (and bf16 autocast when `precision` is bf16,
+   as in a step);
    the batch's indexing and uint8 -> float conversion happen before the clock;
 3. phases: the same steps again with the PhaseTimer on (it synchronises CUDA at each phase boundary).
 Peak memory: the host's peak RSS of the process so far (ru_maxrss, which cannot be reset, so step and floor
@@ -126,6 +132,7 @@ def measure(device: str, steps: int, warmup: int, extra: list[str] | tuple[str, 
     phase_ms["unaccounted"] = 1000 * statistics.median(timed_step) - sum(phase_ms.values())
     return {
         "device": str(rt.device), "gpu": torch.cuda.get_device_name(rt.device) if cuda else None,
+        "precision": d.extractor.precision,
         "torch_num_threads": torch.get_num_threads(), "warmup_steps": warmup, "steps": steps,
         "step_s": step, "floor_s": floor, "ratio": step / floor if floor > 0 else None,
         "target_ratio": TARGET.get(rt.device.type),
@@ -146,19 +153,24 @@ def report(results: list[dict], cfg, expected_batch: float) -> None:
           f"{e.depth_at(d.image_size)} width {e.width}, IPC {cfg.ipc}, M {cfg.method.kernel.num_freqs}, method "
           f"{cfg.method.name}. Medians; floor = the extractor forward (in distill.real_chunk chunks, + L2 normalisation) over the step's real "
           f"batch.")
-    print("| device | threads | step (s) | floor (s) | step/floor | target | real img/step | host peak RSS (MB) | "
-          f"device peak (MB) | NCFM A100 (s/iter) |\n|{'---|' * 10}")
+    print("| device | precision | threads | step (s) | floor (s) | step/floor | target | real img/step | "
+          f"host peak RSS (MB) | device peak (MB) | NCFM A100 (s/iter) |\n|{'---|' * 11}")
     for r in results:
         p = r["peak_memory"]["step"]
         dev = p.get("device_max_allocated_mb")
         ok = "met" if r["ratio"] is not None and r["ratio"] <= r["target_ratio"] else "NOT met"
-        print(f"| {r['device']}{' (' + r['gpu'] + ')' if r['gpu'] else ''} | {r['torch_num_threads']} | "
+        print(f"| {r['device']}{' (' + r['gpu'] + ')' if r['gpu'] else ''} | {r['precision']} | "
+              f"{r['torch_num_threads']} | "
               f"{r['step_s']:.3f} | {r['floor_s']:.3f} | {r['ratio']:.2f}x | <= {r['target_ratio']}x ({ok}) | "
               f"{statistics.median(r['real_images_per_step']):.0f} | {p['host_peak_rss_mb'] or 0:.0f} | "
               f"{'-' if dev is None else f'{dev:.0f}'} | {NCFM_A100_S[0]} - {NCFM_A100_S[1]} |")
+    for dev, (fp32, bf16) in precision_ratios(results).items():
+        print(f"\n{dev}: bf16 / fp32 step {bf16['step_s'] / fp32['step_s']:.2f} (fp32 {fp32['step_s']:.3f} s, "
+              f"bf16 {bf16['step_s']:.3f} s), floor {bf16['floor_s'] / fp32['floor_s']:.2f} "
+              f"(fp32 {fp32['floor_s']:.3f} s, bf16 {bf16['floor_s']:.3f} s)")
     for r in results:
-        print(f"\nphases on {r['device']}, PhaseTimer on (median ms per step; step {r['phase_pass_step_ms']:.0f} ms "
-              f"in this pass):")
+        print(f"\nphases on {r['device']} in {r['precision']}, PhaseTimer on (median ms per step; step "
+              f"{r['phase_pass_step_ms']:.0f} ms in this pass):")
         print("| " + " | ".join(r["phases_ms"]) + " |\n|" + "---|" * len(r["phases_ms"]))
         print("| " + " | ".join(f"{v:.1f}" for v in r["phases_ms"].values()) + " |")
         print(f"real_features - floor: {r['real_features_minus_floor_ms']:.0f} ms (batch indexing, uint8 -> float, "
@@ -167,12 +179,33 @@ def report(results: list[dict], cfg, expected_batch: float) -> None:
               f"used {r['other_processes_cores'] or 0:.2f} cores meanwhile")
 
 
+def precision_ratios(results: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """{device: (its fp32 result, its bf16 result)} for the devices measured both ways."""
+    by = {(r["device"], r["precision"]): r for r in results}
+    return {dev: (by[dev, "fp32"], by[dev, "bf16"]) for dev, p in by if p == "fp32" and (dev, "bf16") in by}
+
+
+def precisions_for(device: str, wanted: list[str]) -> list[str]:
+    """The precisions measured on `device` (cpu or cuda): bf16 only where it is native there, said when skipped."""
+    import torch
+
+    from csdm_dist.extractors import bf16_support
+
+    native, found = bf16_support(torch.device(device))
+    if "bf16" in wanted and not native:
+        print(f"[speed] {device}: bf16 not measured: {found}", flush=True)
+        return [p for p in wanted if p != "bf16"]
+    return wanted
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                    help="auto: the CPU, and CUDA too when present (each in its own process)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default: 5 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default: 2 on CPU, 5 on CUDA)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="the extractor forward's precision(s) to measure (config `precision`)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--wait-idle", type=float, default=60, help="wait up to this many seconds for an idle CPU first")
     p.add_argument("--retries", type=int, default=1,
@@ -187,21 +220,24 @@ def main(argv: list[str] | None = None) -> None:
     import subprocess
 
     devices = devices_for(args.device, "speed.py")
+    combos = [(dev, prec) for dev in devices for prec in precisions_for(dev, args.precision)]
     results = []
-    for dev in devices:
+    for dev, prec in combos:
+        overrides = [*args.override, f"precision={prec}"]
         warmup, steps = (DEFAULT_STEPS[dev][0] if args.warmup is None else args.warmup,
                          DEFAULT_STEPS[dev][1] if args.steps is None else args.steps)
         for attempt in range(args.retries + 1):
             busy = wait_idle(args.wait_idle)
-            print(f"[speed] {dev}: {warmup} warm-up + {steps} measured steps; CPU busy before: "
+            print(f"[speed] {dev} {prec}: {warmup} warm-up + {steps} measured steps; CPU busy before: "
                   f"{'?' if busy is None else f'{100 * busy:.0f}%'}", flush=True)
-            if len(devices) == 1:
-                r = measure(dev, steps, warmup, args.override)
+            if len(combos) == 1:
+                r = measure(dev, steps, warmup, overrides)
             else:
                 with tempfile.TemporaryDirectory(prefix="csdm-speed-") as tmp:  # own process: own peak memory
                     out = Path(tmp) / "result.json"
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", dev, "--steps", str(steps),
-                           "--warmup", str(warmup), "--wait-idle", "0", "--retries", "0", "--worker-out", str(out)]
+                           "--warmup", str(warmup), "--wait-idle", "0", "--retries", "0", "--worker-out", str(out),
+                           "--precision", prec]
                     subprocess.run(cmd + [a for o in args.override for a in ("--override", o)], check=True)
                     r = json.loads(out.read_text())["results"][0]
             r["attempts"] = attempt + 1

@@ -29,6 +29,7 @@ ARCHS = ("convnet", "resnet18", "vgg11", "alexnet")
 TEACHER_LOSSES = ("logit_adjusted", "balanced_softmax", "ce")
 LABEL_KINDS = ("hard", "soft")
 RELABEL_MODES = ("none", "online")
+PRECISIONS = ("auto", "fp32", "bf16")  # the extractor forward's precision (extractors.resolve_precision)
 
 
 class ConfigError(UserError, ValueError):
@@ -220,6 +221,11 @@ class DistillConfig:
     iterations: int = 500
     real_per_class: int = 64  # expected real images per class per step (Bernoulli subsampling)
     real_chunk: int = 2048  # real images per extractor forward pass: bounds activation memory
+    # synthetic (decoded) images per extractor forward with gradient; null: all of this rank's at once. Set, the
+    # forward and statistics run chunk by chunk under activation checkpointing: only one chunk's activations are
+    # held, each recomputed in the backward (about 1/3 more synthetic compute). Same maths (sums of chunks), so it
+    # is not hashed: a run may resume with another value. Needed at ImageNet-LT scale (docs/distributed.md)
+    syn_chunk: Optional[int] = None
     # synthetic init: `real` images, gaussian `noise`, or `mix`: each stored image's f x f tiles hold f^2
     # different real images of its class, shrunk to the tile size (synthetic.factor; with f = 1, mix == real)
     init: str = "mix"
@@ -243,6 +249,7 @@ class DistillConfig:
         _check(self.iterations >= 0, "distill.iterations", f"must be >= 0, got {self.iterations}")
         _check(self.real_per_class >= 1, "distill.real_per_class", "must be >= 1")
         _check(self.real_chunk >= 1, "distill.real_chunk", "must be >= 1")
+        _check(self.syn_chunk is None or self.syn_chunk >= 1, "distill.syn_chunk", "must be >= 1 or null")
         _check(self.init in ("real", "noise", "mix"), "distill.init", f"{self.init!r} is not `real`, `noise` or `mix`")
         _check(self.small_class_policy in ("repeat", "error"), "distill.small_class_policy",
                f"{self.small_class_policy!r} is not `repeat` or `error`")
@@ -420,6 +427,10 @@ class Config:
     seed: int = 0  # seeds every random draw of the run
     out_dir: Optional[str] = None  # the run directory; None: runs/<dataset>/<run_name> (see run_name())
     device: str = "auto"  # `auto` (cuda if present, else cpu), `cpu` or `cuda`
+    # the extractor's forward pass (matching, feature shards): `bf16` autocast, `fp32`, or `auto` = bf16 where the
+    # device computes it natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else fp32. Statistics, losses
+    # and the images stay fp32 (extractors.resolve_precision); evaluation networks always train in fp32
+    precision: str = "auto"
     resume: bool = True  # continue the run of this configuration in out_dir; false: refused if out_dir holds a run
     overwrite: bool = False  # out_dir holds another run (or resume=false): move it aside to <out_dir>.old-<time>
     reevaluate: bool = False  # out_dir holds this finished run: evaluate it again instead of printing its table
@@ -430,6 +441,7 @@ class Config:
     def __post_init__(self) -> None:
         _check(self.ipc >= 1, "ipc", f"must be >= 1, got {self.ipc}")
         _check(self.device in ("auto", "cpu", "cuda"), "device", f"{self.device!r} is not auto, cpu or cuda")
+        _check(self.precision in PRECISIONS, "precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.real_source in ("images", "features"), "real_source",
                f"{self.real_source!r} is not `images` or `features`")
         _check(self.real_source == "images" or (self.extractor.mode == "pool" and not self.extractor.interpolate),

@@ -34,7 +34,7 @@ from .data.shards import MANIFEST, dataset_dir, load_manifest, read_split
 from .dist import ParallelLayout, Runtime, all_reduce_sum, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
 from .evaluate import evaluate_set
-from .extractors import file_sha256
+from .extractors import file_sha256, resolve_precision
 from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
 from .softlabels import FP32_BYTES
@@ -131,6 +131,8 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     check_dataset(cfg, manifest, ddir)
     counts = manifest["train"]["counts"]
     check_memory(cfg, rt, counts)
+    log.info("extractor forward in %s (precision=%s on %s)", resolve_precision(cfg.precision, rt.device),
+             cfg.precision, rt.device.type)  # bf16 where it is not native: refused here, before anything is written
     # soft labels (labels.kind=soft) or online relabelling need the teacher: checked before anything is written
     needs_teacher = cfg.labels.kind == "soft" or (cfg.evaluate and cfg.eval.relabel == "online")
     teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
@@ -196,6 +198,7 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
                "real_source": cfg.real_source, "labels": cfg.eval.labels, "relabel": cfg.eval.relabel,
                "world_size": rt.world_size, "hardware": hardware(rt.device), "class_counts": counts,
+               "precision": distiller.extractor.precision,
                "timing": {"distill_s": distiller.elapsed_s, "step_ms_median": distiller.step_ms_median(),
                           "steps": distiller.step}}
     if soft is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
@@ -67,7 +68,7 @@ class Distiller:
         d = cfg.dataset
         self.num_classes = d.num_classes
         self.extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device,
-                                   normalize=cfg.method.normalize_features)
+                                   normalize=cfg.method.normalize_features, precision=cfg.precision)
         self.kernel = k = cfg.method.kernel
         # per-class bandwidth s_c: frequencies are drawn at bandwidth s_head and class c's scaled by s_head / s_c
         self.freq_scale = None if k.bandwidth_tail is None else \
@@ -108,6 +109,25 @@ class Distiller:
             return self.extractor.embed(x)
         return torch.cat([self.extractor.embed(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
+    def syn_statistics(self, decoded: Tensor, freqs: Tensor | None, op: str | None, step: int) -> tuple[Tensor, Tensor]:
+        """This rank's synthetic class sums and counts, differentiable in `decoded`. With distill.syn_chunk, chunk by
+        chunk under activation checkpointing: the graph keeps each chunk's input and [C, F] sums, and the backward
+        recomputes one chunk's forward at a time (augmentation uniforms are keyed by image id: the same draws)."""
+        labels, ids, chunk = self.decoded_labels, self.decoded_ids, self.cfg.distill.syn_chunk
+
+        def sums_of(x: Tensor, y: Tensor, i: Tensor) -> Tensor:
+            z = self.embed(x, i, op, rng.SYN_AUG, step)
+            return S.class_statistics(z, y, self.num_classes, freqs, freq_scale=self.freq_scale)[0]
+
+        if chunk is None or len(decoded) <= chunk:
+            sums = sums_of(decoded, labels, ids)
+        else:
+            sums = 0
+            for i in range(0, len(decoded), chunk):
+                sums = sums + activation_checkpoint(sums_of, decoded[i:i + chunk], labels[i:i + chunk],
+                                                    ids[i:i + chunk], use_reentrant=False)
+        return sums, torch.bincount(labels, minlength=self.num_classes).to(sums.dtype)
+
     def loss(self, real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         w = self.cfg.method.weighting
         if self.kernel.name == "linear":
@@ -142,9 +162,7 @@ class Distiller:
 
         with t("syn_forward"):
             decoded = formation.decode(self.engine().float(), self.factor)
-            zs = self.embed(decoded, self.decoded_ids, op, rng.SYN_AUG, step)
-            s_sums, s_n = S.class_statistics(zs, self.decoded_labels, self.num_classes, freqs,
-                                             freq_scale=self.freq_scale)
+            s_sums, s_n = self.syn_statistics(decoded, freqs, op, step)
         with t("all_reduce"):
             syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
         with t("syn_backward"):

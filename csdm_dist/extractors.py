@@ -4,6 +4,9 @@ One working network lives on the device; `prepare(generator)` rewrites its weigh
 `random` re-draws them, `pool` picks member k and sets theta = l * theta_init + (1 - l) * theta_trained with
 l ~ U(0, 1) (or the trained weights as they are, `interpolate=false`: a fixed extractor, whose real features can
 be precomputed). The pool's weights are loaded once and kept on the device; nothing is reloaded per step.
+
+The forward runs under bf16 autocast when `precision` resolves to bf16 (resolve_precision); its output is cast to
+fp32, so the statistics, the loss and the images' gradients are fp32 whatever the precision.
 """
 from __future__ import annotations
 
@@ -13,14 +16,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import ExtractorConfig
+from .config import ConfigError, ExtractorConfig
 from .models import build_network, reinit_
 
 
 class Extractor:
     def __init__(self, cfg: ExtractorConfig, channels: int, num_classes: int, image_size: int,
-                 device: torch.device, normalize: bool):
+                 device: torch.device, normalize: bool, precision: str):
         self.cfg, self.normalize, self.device = cfg, normalize, device
+        self.precision = resolve_precision(precision, device)  # `fp32` or `bf16`
         self.net = build_network(cfg.arch, channels, num_classes, image_size, cfg.width, cfg.depth_at(image_size), cfg.norm).to(device)
         self.net.eval()  # batchnorm (if chosen) uses batch statistics only in training; extractors are not trained
         for p in self.net.parameters():
@@ -29,7 +33,7 @@ class Extractor:
         self.pool_sha256 = None
         if cfg.mode == "pool":
             self.pool, self.pool_sha256 = load_pool(Path(cfg.pool_path), self.net, device)
-        self.autocast = device.type == "cuda"  # bf16 convolutions on CUDA; statistics stay fp32 (spectral.py)
+        self.autocast = self.precision == "bf16"  # bf16 convolutions; statistics stay fp32 (spectral.py)
 
     @torch.no_grad()
     def prepare(self, generator: torch.Generator) -> int:
@@ -66,6 +70,32 @@ class Extractor:
     @property
     def feature_dim(self) -> int:
         return self.net.feature_dim
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """(whether `device` computes bf16 natively, what was found): CUDA's own answer; on a CPU, AVX512-BF16 or AMX
+    (without them oneDNN emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return (True, f"{name} supports bf16") if torch.cuda.is_bf16_supported() else (False, f"{name} lacks bf16")
+    found = [name for name, probe in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return (True, f"this CPU has {' and '.join(found)}") if found else \
+        (False, "this CPU has neither AVX512-BF16 nor AMX (bf16 would be emulated, slower than fp32)")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`, `fp32` or `bf16` (config `precision`) -> the precision the extractor runs in on `device`.
+    bf16 where it is not native is refused: a ConfigError naming the key, with the reason."""
+    native, found = bf16_support(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        raise ConfigError(f"invalid config `precision`: bf16 on {device.type}, but {found}; "
+                          "use precision=fp32 or precision=auto")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"invalid config `precision`: {precision!r} is not auto, fp32 or bf16")
+    return precision
 
 
 def file_sha256(path: Path) -> str:

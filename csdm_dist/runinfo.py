@@ -15,7 +15,7 @@ from .config import Config
 
 # keys that change neither the data nor the distilled images: excluded from the hash that resume checks
 _NOT_HASHED = {"resume", "overwrite", "reevaluate", "force_memory", "evaluate", "baseline", "eval", "device", "out_dir"}
-_NOT_HASHED_DISTILL = {"iterations", "log_every", "image_every", "checkpoint_every", "keep_checkpoints"}
+_NOT_HASHED_DISTILL = {"iterations", "log_every", "image_every", "checkpoint_every", "keep_checkpoints", "syn_chunk"}
 
 
 def config_hash(cfg: Config) -> str:

@@ -71,7 +71,8 @@ def extract(cfg: Config, rt: Runtime) -> Path:
     out = features_dir(cfg)
     data_manifest = load_manifest(dataset_dir(d), d)
     d = resolve_normalization(d, data_manifest, dataset_dir(d))  # empty dataset.mean/std: the build's
-    extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device, normalize=False)
+    extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device, normalize=False,
+                          precision=cfg.precision)
     want = provenance(cfg, data_manifest, extractor.pool_sha256)
     if (out / FEATURES_MANIFEST).is_file():
         check_provenance(out, load_features_manifest(out), want)
@@ -98,6 +99,7 @@ def extract(cfg: Config, rt: Runtime) -> Path:
     dist.all_gather_object(parts, (names, sizes))
     if rt.is_main:
         manifest = {**want, "members": len(extractor.pool), "feature_dim": extractor.feature_dim,
+                    "precision": extractor.precision,  # the forward's (recorded; fp16 storage is coarser than bf16)
                     "augment_ops": "one per view v > 0, chosen by generator(seed, v)",
                     "num_samples": sum(sum(s) for _, s in parts),
                     "shards": [n for ns, _ in parts for n in ns], "shard_sizes": [x for _, s in parts for x in s]}
