@@ -49,14 +49,15 @@ def class_counts(cfg) -> list[int]:
     return longtail_counts(n_max, d.num_classes, d.imbalance_factor)
 
 
-def random_real(cfg, layout, device):
-    """This shard's part of the long-tailed training split, as random pixels."""
+def random_real(cfg, layout, device, counts: list[int] | None = None):
+    """This shard's part of the long-tailed training split (class counts `counts`, default the IF formula's), as
+    random pixels."""
     import torch
 
     from csdm_dist.distiller import RealData
 
     d = cfg.dataset
-    counts = torch.tensor(class_counts(cfg), dtype=torch.long)
+    counts = torch.tensor(class_counts(cfg) if counts is None else counts, dtype=torch.long)
     all_labels = torch.repeat_interleave(torch.arange(d.num_classes), counts)
     ids = torch.arange(layout.shard_rank, len(all_labels), layout.shards)
     g = torch.Generator().manual_seed(1000 + layout.shard_rank)
@@ -64,9 +65,9 @@ def random_real(cfg, layout, device):
     return RealData(images.to(device), all_labels[ids].to(device), ids.to(device), counts)
 
 
-def build_distiller(cfg, rt, run_dir: Path, timer: bool = False):
-    """A Distiller on random real and synthetic images; `timer` turns its PhaseTimer on. Nothing is written to
-    `run_dir` unless the caller saves a checkpoint."""
+def build_distiller(cfg, rt, run_dir: Path, timer: bool = False, counts: list[int] | None = None):
+    """A Distiller on random real and synthetic images (real class counts `counts`, default the IF formula's);
+    `timer` turns its PhaseTimer on. Nothing is written to `run_dir` unless the caller saves a checkpoint."""
     import torch
 
     from csdm_dist.dist import ParallelLayout
@@ -77,7 +78,7 @@ def build_distiller(cfg, rt, run_dir: Path, timer: bool = False):
     torch.manual_seed(cfg.seed)
     layout = ParallelLayout.from_world(cfg.parallel.replicas, rt.rank, rt.world_size)
     d = cfg.dataset
-    real = random_real(cfg, layout, rt.device)
+    real = random_real(cfg, layout, rt.device, counts)
     norm = Normalizer.build(d.mean, d.std, rt.device)
     full = torch.randn((d.num_classes * cfg.ipc, d.channels, d.image_size, d.image_size),
                        generator=torch.Generator().manual_seed(cfg.seed)).to(rt.device)
@@ -85,6 +86,39 @@ def build_distiller(cfg, rt, run_dir: Path, timer: bool = False):
     distiller = Distiller(cfg, rt, layout, real, syn, norm, NullLogger(), run_dir)
     distiller.timer = PhaseTimer(enabled=timer, device=rt.device)
     return distiller
+
+
+def fixed_pool_overrides(base: list[str], folder: Path) -> list[str]:
+    """The overrides of real_source=features: a fixed one-member pool (the network `base` configures, at its
+    random init) saved as `folder`/pool.pt, as csdm_dist.pretrain would write it."""
+    import torch
+
+    from csdm_dist.models import build_network
+
+    c0 = compose(base)
+    e, d = c0.extractor, c0.dataset
+    net = build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth_at(d.image_size), e.norm)
+    sd = {k: v.detach().clone() for k, v in net.named_parameters()}
+    torch.save({"members": [{"init": sd, "trained": sd}]}, Path(folder) / "pool.pt")
+    return features_overrides(Path(folder) / "pool.pt")
+
+
+def features_overrides(pool: Path) -> list[str]:
+    """real_source=features with the one-member fixed pool file `pool`."""
+    return ["real_source=features", "extractor.mode=pool", "extractor.interpolate=false", "extractor.pool_size=1",
+            f"extractor.pool_path={pool}"]
+
+
+def attach_random_features(distiller, seed: int = 7) -> None:
+    """Give the distiller's real data random fp16 features [1 member, 1 view, its samples, D] (feature shards'
+    layout), as a real_source=features run holds them; speed and memory do not depend on their values."""
+    import torch
+
+    from csdm_dist.data.features import FeatureData
+
+    r, dim = distiller.real, distiller.extractor.feature_dim
+    feats = torch.randn((1, 1, len(r.ids), dim), generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+    r.features = FeatureData(feats.to(r.labels.device), r.labels, r.ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------

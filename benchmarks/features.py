@@ -43,8 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PHASES, devices_for, write_report, OtherLoad, build_distiller, class_counts, compose, cores_available, machine_info,
-                    wait_idle)
+from common import (PHASES, OtherLoad, attach_random_features, build_distiller, class_counts, compose, cores_available,
+                    devices_for, fixed_pool_overrides, machine_info, wait_idle, write_report)
 from speed import setting as speed_setting
 
 GB = 1e9
@@ -100,13 +100,11 @@ def per_class_for(counts: list[int], batch: float) -> int | None:
     return next(r for r in range(1, max(counts) + 1) if batch_at(counts, r) >= batch)
 
 
-STATS_CHUNK = 16384  # rows per chunk: the default `chunk` of spectral.class_statistics
+def statistics_bytes(n: int, m: int, c: int) -> int:
+    """Peak intermediates of spectral.class_statistics over n rows (csdm_dist.memory's), plus the [C, 2M] sums."""
+    from csdm_dist.memory import statistics_bytes as chunk_bytes
 
-
-def statistics_bytes(n: int, m: int, c: int, chunk: int = STATS_CHUNK) -> int:
-    """Peak intermediates of spectral.class_statistics over n rows: one chunk's projection, cos/sin and their
-    [rows, 2M] concatenation (fp32), plus the [C, 2M] sums."""
-    return min(n, chunk) * 4 * m * 4 + c * 2 * m * 4
+    return chunk_bytes(n, m) + c * 2 * m * 4
 
 
 def memory_features(n: int, d: int, m: int, c: int, k: int = 1, a: int = 1) -> dict:
@@ -163,10 +161,8 @@ def job_a_step(device: str, spec: dict) -> dict:
 
     import torch
 
-    from csdm_dist.data.features import FeatureData
     from csdm_dist.dist import close_distributed, init_distributed
     from csdm_dist.distiller import PhaseTimer
-    from csdm_dist.models import build_network
 
     rt = init_distributed(device)
     clock = _clock(rt.device)
@@ -175,23 +171,12 @@ def job_a_step(device: str, spec: dict) -> dict:
         base.append(f"distill.real_per_class={spec['real_per_class']}")
     try:
         with tempfile.TemporaryDirectory(prefix="csdm-features-bench-") as tmp, OtherLoad() as load:
-            extra: list[str] = []
-            if spec["source"] == "features":
-                c0 = compose(base)
-                e, dset = c0.extractor, c0.dataset
-                net = build_network(e.arch, dset.channels, dset.num_classes, dset.image_size, e.width,
-                                    e.depth_at(dset.image_size), e.norm)
-                sd = {k: v.detach().clone() for k, v in net.named_parameters()}
-                torch.save({"members": [{"init": sd, "trained": sd}]}, Path(tmp) / "pool.pt")
-                extra = ["real_source=features", "extractor.mode=pool", "extractor.interpolate=false",
-                         f"extractor.pool_path={Path(tmp) / 'pool.pt'}"]
+            features = spec["source"] == "features"
+            extra = fixed_pool_overrides(base, Path(tmp)) if features else []
             cfg = compose(base + extra)
             d = build_distiller(cfg, rt, Path(tmp))
-            if spec["source"] == "features":
-                r, dim = d.real, d.extractor.feature_dim
-                g = torch.Generator().manual_seed(7)
-                feats = torch.randn((1, 1, len(r.ids), dim), generator=g).to(torch.float16)
-                r.features = FeatureData(feats.to(rt.device), r.labels, r.ids)
+            if features:
+                attach_random_features(d)
             if rt.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(rt.device)
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -241,7 +226,8 @@ def job_b_forward(device: str, spec: dict) -> dict:
             cfg = compose(["dataset=imagenet_lt", f"device={device}", f"extractor.arch={spec['arch']}",
                            "extractor.width=128", "extractor.depth=4"])
             dset = cfg.dataset
-            ex = Extractor(cfg.extractor, dset.channels, dset.num_classes, dset.image_size, rt.device, normalize=True)
+            ex = Extractor(cfg.extractor, dset.channels, dset.num_classes, dset.image_size, rt.device, normalize=True,
+                           precision=cfg.precision)
             ex.prepare(torch.Generator().manual_seed(0))
             norm = Normalizer.build(dset.mean, dset.std, rt.device)
             b = spec["batch"]
@@ -286,7 +272,8 @@ def job_b_stats(device: str, spec: dict) -> dict:
     try:
         with OtherLoad() as load:
             cfg = compose(["dataset=imagenet_lt", f"device={device}", "extractor.width=128", "extractor.depth=4"])
-            ex = Extractor(cfg.extractor, 3, c, 64, dev, normalize=True)  # only its finish() is used
+            # only its finish() is used
+            ex = Extractor(cfg.extractor, 3, c, 64, dev, normalize=True, precision=cfg.precision)
             counts = torch.tensor(imagenet_lt_like_counts())
             labels = torch.repeat_interleave(torch.arange(c), counts).to(dev)
             g = torch.Generator().manual_seed(11)

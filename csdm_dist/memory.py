@@ -8,8 +8,15 @@ Counted (bytes per rank; world = replicas x shards, DESIGN.md section 4):
 - real-data store: N / shards x ch x H x W bytes (uint8, held in memory for the whole run)
 - the full synthetic set, briefly at init and at the final gather: C * ipc * ch * H * W * 4
 - extractor activations, roughly: the synthetic slice's forward pass is kept for the backward (about 4 fp32 maps per
-  ConvNet block, 12 per ResNet stage); the real batch's pass (no gradient) holds one block's input and output
-Not counted: the extractor pool, frequencies and phase matrices, CUDA/DeepSpeed workspace and the evaluation. The
+  ConvNet block, 12 per ResNet stage), or one distill.syn_chunk of it under activation checkpointing; the real
+  batch's pass (no gradient) holds one block's input and output (real_source=images)
+- real_source=features: the feature store (N / shards x members x views x D, fp16 or fp32) and the step's finished
+  fp32 features [N / shards, D], instead of the real forward
+- statistics intermediates: spectral.class_statistics works on STATS_CHUNK rows at a time, each holding the
+  projection, cos, sin and their concatenation ([rows, 5M] fp32); the synthetic side without syn_chunk also keeps
+  every row's projection [n_syn, M] for the backward. The larger of the two sides (they do not coexist)
+Not counted: the extractor pool, frequencies, CUDA/DeepSpeed workspace, the evaluation and the process itself
+(libraries: about 0.7 GB of host memory for torch on the CPU). The
 activations dominate at 64 px and above; treat the total as an estimate, not a bound.
 """
 from __future__ import annotations
@@ -18,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 from .config import Config
+
+STATS_CHUNK = 16384  # rows per chunk: the default `chunk` of spectral.class_statistics
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,12 @@ def activation_bytes(cfg: Config) -> tuple[int, int]:
     return 4 * 4 * sum(maps), 4 * (ch * size * size + 2 * max(maps))
 
 
+def statistics_bytes(rows: int, num_freqs: int, chunk: int = STATS_CHUNK) -> int:
+    """Peak intermediates of spectral.class_statistics over `rows` rows: one chunk's projection [rows, M], cos and
+    sin [rows, M] each and their concatenation [rows, 2M], fp32."""
+    return min(rows, chunk) * 5 * num_freqs * 4
+
+
 def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int | None = None) -> MemoryEstimate:
     """Bytes per rank for `cfg` on `world_size` ranks, with `num_real` real training images in the dataset and
     `real_batch` real images drawn per step over all ranks (default: min(num_real, classes x real_per_class))."""
@@ -112,14 +127,35 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
     kept, peak = activation_bytes(cfg)
     f2 = cfg.synthetic.factor ** 2  # multi-formation: every stored image is decoded into f^2 images
     n_syn = math.ceil(c * ipc / shards) * f2
-    rows.append(("activations, synthetic", n_syn * kept, f"{n_syn} images" + (f" (x{f2} decoded)" if f2 > 1 else "")
-                 + f" x {human(kept)} kept for the backward"))
+    chunk = cfg.distill.syn_chunk
+    decoded = f"{n_syn} images" + (f" (x{f2} decoded)" if f2 > 1 else "")
+    if chunk is None or chunk >= n_syn:
+        rows.append(("activations, synthetic", n_syn * kept, f"{decoded} x {human(kept)} kept for the backward"))
+    else:  # activation checkpointing: one chunk's activations live at a time, plus the decoded images it keeps
+        rows.append(("activations, synthetic", chunk * kept + n_syn * ch_hw * 4,
+                     f"{chunk} of {decoded} at a time (distill.syn_chunk) x {human(kept)} + the decoded fp32 images"))
     if real_batch is None:
         real_batch = min(num_real, c * cfg.distill.real_per_class)
     n_real = math.ceil(real_batch / shards)
-    n_live = min(n_real, cfg.distill.real_chunk)  # the real forward runs in chunks of distill.real_chunk
-    rows.append(("activations, real (no grad)", n_live * peak,
-                 f"~{n_real} images per step, {n_live} at a time (distill.real_chunk) x {human(peak)} peak"))
+    if cfg.real_source == "features":  # every feature of this rank, every step; no real forward
+        n_real = math.ceil(num_real / shards)
+        dim, k, v = feature_dim(cfg), cfg.extractor.pool_size, cfg.features.views
+        size = 2 if cfg.features.dtype == "float16" else 4
+        rows.append(("feature store", n_real * k * v * dim * size,
+                     f"{n_real} features x {k} members x {v} views x {dim} x {size} B ({cfg.features.dtype})"))
+        rows.append(("finished features", n_real * dim * 4, f"{n_real} x {dim} fp32, each step"))
+    else:
+        n_live = min(n_real, cfg.distill.real_chunk)  # the real forward runs in chunks of distill.real_chunk
+        rows.append(("activations, real (no grad)", n_live * peak,
+                     f"~{n_real} images per step, {n_live} at a time (distill.real_chunk) x {human(peak)} peak"))
+    if cfg.method.kernel.name != "linear":
+        m = cfg.method.kernel.num_freqs
+        whole = chunk is None or chunk >= n_syn
+        syn = statistics_bytes(n_syn if whole else chunk, m) + (n_syn * m * 4 if whole else 0)
+        real = statistics_bytes(n_real, m)
+        rows.append(("statistics intermediates", max(real, syn),
+                     f"{'real' if real >= syn else 'synthetic'} side: min(rows, {STATS_CHUNK}) x 5M x 4 B"
+                     + (f" + {n_syn} x M x 4 B kept for the backward" if whole and syn >= real else "")))
     return MemoryEstimate(tuple(rows), world_size, replicas, shards)
 
 
@@ -149,7 +185,11 @@ def check_fits(est: MemoryEstimate, ranks_here: int, available: int) -> None:
     if need > available:
         per = f" ({human(est.total)} per rank x {ranks_here} ranks here)" if ranks_here > 1 else ""
         top = max(est.rows, key=lambda r: r[1])
+        hint = {"activations, synthetic": "set distill.syn_chunk (e.g. 1024: activation checkpointing holds one chunk)",
+                "activations, real (no grad)": "lower distill.real_chunk",
+                "statistics intermediates": "lower method.kernel.num_freqs"}.get(top[0], "lower ipc (or the settings "
+                                                                                        "behind that item)")
         raise ConfigError(f"invalid config `force_memory`: the memory estimate {human(need)}{per} exceeds the "
                           f"{human(available)} available; the largest item is {top[0]} ({human(top[1])}: {top[2]}). "
-                          f"Lower ipc (or the settings behind that item), use more ranks, or pass force_memory=true "
-                          f"to start anyway (the estimate is not a bound)")
+                          f"{hint[0].upper() + hint[1:]}, use more ranks, or pass force_memory=true to start anyway "
+                          f"(the estimate is not a bound)")
