@@ -41,7 +41,7 @@ METHODS = ("random", "dm", "ncfm", "csdm", "csdm-features")
 ORDERS = {"natural": "fashion_mnist_lt", "hardtail": "fashion_mnist_lt_hardtail"}
 MODES = {  # distill iterations, eval epochs, eval repeats
     "quick": {"distill.iterations": 60, "eval.epochs": 100, "eval.repeats": 1},
-    "full": {"distill.iterations": 200, "eval.epochs": 300, "eval.repeats": 3},
+    "full": {"distill.iterations": 500, "eval.epochs": 300, "eval.repeats": 3},  # 500: the default budget
 }
 POOL = {"quick": ["extractor.pool_size=1", "extractor.pool_epochs=2"],  # csdm-features: the fixed pool
         "full": ["extractor.pool_size=4", "extractor.pool_epochs=5"]}
@@ -61,7 +61,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="evaluation split: val to choose settings, test for the reported tables")
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the mode's)")
     p.add_argument("--at-steps", type=int, nargs="+", default=[], help="also evaluate after these steps")
-    p.add_argument("--labels", choices=("hard",), default="hard", help="label track (hard labels only so far)")
+    p.add_argument("--labels", choices=("hard", "soft"), default="hard",
+                   help="label track; soft: every method's set gets soft labels from one teacher per class order and "
+                        "IF (python -m csdm_dist.teacher with the teacher.* and dataset.* overrides after --)")
+    p.add_argument("--teacher-seed", type=int, default=0, help="--labels soft: the teacher's seed")
     p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists (config checked)")
     p.add_argument("--raw-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--data-root", default=str(ROOT / "data"))
@@ -100,19 +103,30 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_overrides(args, mode)
     rows, reused, t_start = [], 0, time.perf_counter()
+    teachers: dict[str, dict] = {}
     for order in args.orders:
         data = [f"dataset={ORDERS[order]}", f"dataset.raw_root={args.raw_root}", f"dataset.data_root={args.data_root}"]
         for imb in args.ifs:
             run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"],
                 out / f"build-{order}-if{imb:g}.log")
+            soft = []
+            if args.labels == "soft":  # one teacher for every method and seed of this order and IF
+                path = teacher_file(args, order, imb, extra)
+                if not path.is_file():
+                    print(f"[{time.perf_counter() - t_start:6.0f} s] {order} IF {imb:g}: training the teacher ...",
+                          flush=True)
+                    run(teacher_command(data, imb, args, path, extra), out / f"teacher-{order}-if{imb:g}.log")
+                teachers[f"{order} IF {imb:g}"] = teacher_record(path)
+                soft = ["labels.kind=soft", f"labels.teacher={path}"]
             for ipc in args.ipc:
                 for method in args.methods:
                     seeds = []
                     for seed in args.seeds:
                         cell = f"{order} IF {imb:g} IPC {ipc} {method} seed {seed}"
-                        run_dir = out / order / f"if{imb:g}" / f"ipc{ipc}" / method / f"seed{seed}"
+                        track = method if args.labels == "hard" else f"{method}-{args.labels}"
+                        run_dir = out / order / f"if{imb:g}" / f"ipc{ipc}" / track / f"seed{seed}"
                         steps, distil = commands(data, order, imb, ipc, method, seed, args, mode, run_dir,
-                                                 settings + extra, out)
+                                                 settings + extra + soft, out)
                         if args.reuse and (run_dir / "results.json").is_file():
                             check_reusable(run_dir, distil)
                             reused += 1
@@ -125,12 +139,12 @@ def main(argv=None) -> dict:
                                 run(cmd, log)
                         seeds.append(seed_result(seed, json.loads((run_dir / "results.json").read_text())))
                     rows.append(cell_row(order, imb, ipc, method, args.labels, seeds))
-    table = markdown(rows, args, mode, extra)
+    table = markdown(rows, args, mode, extra) + teachers_markdown(teachers)
     report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
               "protocol": "dm", "seeds": args.seeds, "extra_overrides": extra, "settings": settings,
               "date": datetime.date.today().isoformat(), "machine": machine_info(), "rows": rows,
               "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in the rows
-              "reused_runs": reused}
+              "reused_runs": reused, **({"teachers": teachers} if teachers else {})}
     print(table)
     for path in [out / "quality.json", args.results]:
         if path is not None:
@@ -138,6 +152,44 @@ def main(argv=None) -> dict:
             path.with_suffix(".md").write_text(table + "\n")
             write_report(path, report)
     return report
+
+
+TEACHER_KEYS = ("teacher.", "dataset.")  # the overrides after -- that shape a teacher
+
+
+def teacher_file(args, order: str, imb: float, extra: list[str]) -> Path:
+    """<data root>/teachers/quality-<order>-if<IF>-<tag>-s<seed>.pt; tag: a hash of the teacher.* and dataset.*
+    overrides, so other teacher settings never reuse this file."""
+    import hashlib
+
+    keys = " ".join(sorted(o for o in extra if o.startswith(TEACHER_KEYS)))
+    tag = hashlib.sha256(keys.encode()).hexdigest()[:8]
+    return Path(args.data_root) / "teachers" / f"quality-{order}-if{imb:g}-{tag}-s{args.teacher_seed}.pt"
+
+
+def teacher_command(data: list[str], imb: float, args, path: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "csdm_dist.teacher", *data, f"dataset.imbalance_factor={imb:g}",
+            f"seed={args.teacher_seed}", f"device={args.device}", f"labels.teacher={path}",
+            *[o for o in extra if o.startswith(TEACHER_KEYS)]]
+
+
+def teacher_record(path: Path) -> dict:
+    """The teacher's file, settings and test accuracy (its results JSON, written by csdm_dist.teacher)."""
+    rec = json.loads(path.with_suffix(".json").read_text())
+    return {"path": str(path), "sha256": rec["sha256"], "teacher_config": rec["teacher_config"],
+            "seed": rec["seed"], "accuracy": {k: rec["accuracy"][k] for k in ("mean", "many", "medium", "few")}}
+
+
+def teachers_markdown(teachers: dict[str, dict]) -> str:
+    if not teachers:
+        return ""
+    lines = ["", "", "Teachers of the soft labels (test split, one network each):", "",
+             "| cell | loss | arch | epochs | overall | many | medium | few |", "|---|---|---|---|---|---|---|---|"]
+    for cell, t in teachers.items():
+        c, a = t["teacher_config"], t["accuracy"]
+        lines.append(f"| {cell} | {c['loss']} | {c['arch']} | {c['epochs']} | {a['mean']:.2f} | {a['many']:.2f} | "
+                     f"{a['medium']:.2f} | {a['few']:.2f} |")
+    return "\n".join(lines)
 
 
 def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, overrides: list[str],
@@ -195,15 +247,19 @@ def seed_result(seed: int, res: dict) -> dict:
     return {"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"], "medium": acc["medium"],
             "few": acc["few"], "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
             "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
-            "settings": settings_of(cfg)}
+            "settings": settings_of(cfg, res.get("precision"))}
 
 
-def settings_of(cfg: dict) -> dict:
-    """What a row's runs were made with, read back from their stored config."""
+def settings_of(cfg: dict, precision: str | None) -> dict:
+    """What a row's runs were made with, read back from their stored config and the extractor forward's precision
+    (results.json `precision`, what config `precision` resolved to; None: a run from before it was recorded)."""
     d, m, e = cfg["distill"], cfg["method"], cfg["eval"]
     return {"iterations": d["iterations"], "factor": cfg["synthetic"]["factor"], "init": d["init"], "lr": d["lr"],
             "lr_schedule": d["lr_schedule"], "real_per_class": d["real_per_class"],
-            "extractor": cfg["extractor"]["mode"], "kernel": m["kernel"], "weighting": m["weighting"],
+            "extractor": cfg["extractor"]["mode"], "precision": precision, "kernel": m["kernel"],
+            "labels": {"kind": cfg["labels"]["kind"], "temperature": cfg["labels"]["temperature"],
+                       "prior_adjust": cfg["labels"]["prior_adjust"], "teacher": cfg["labels"]["teacher"]},
+            "weighting": m["weighting"],
             "eval": {"protocol": e["protocol"], "epochs": e["epochs"], "repeats": e["repeats"], "split": e["split"],
                      "arch": e["arch"]},
             "dataset": {"name": cfg["dataset"]["name"], "n_max": cfg["dataset"]["n_max"],
@@ -274,7 +330,7 @@ def settings_line(part: list[dict]) -> list[str]:
     a = s[0]
     e = a["eval"]
     text = (f"Settings: {a['iterations']} steps, factor {a['factor']}, init {a['init']}, lr {a['lr']:g} "
-            f"({a['lr_schedule']}), {a['extractor']} extractors; evaluation {e['protocol']} protocol, {e['arch']}, "
+            f"({a['lr_schedule']}), {a['extractor']} extractors in {a.get('precision') or 'unrecorded precision'}; evaluation {e['protocol']} protocol, {e['arch']}, "
             f"{e['epochs']} epochs x {e['repeats']} repeats on {e['split']}")
     same = all((x["iterations"], x["factor"], x["init"], x["lr"], x["lr_schedule"]) ==
                (a["iterations"], a["factor"], a["init"], a["lr"], a["lr_schedule"]) for x in s)

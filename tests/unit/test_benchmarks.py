@@ -93,3 +93,26 @@ def test_quality_reuse_check_names_the_keys_that_differ():
     have = {"out_dir": "b", "seed": 0, "distill": {"iterations": 500, "lr": 0.03}, "eval": {"split": "test"}}
     assert sorted(quality.differences(want, have)) == ["distill.iterations", "eval.split"]
     assert quality.differences(want, {**want, "out_dir": "elsewhere"}) == []
+
+
+def test_quality_soft_track_has_one_teacher_per_cell_given_to_every_method(tmp_path):
+    import quality
+    from common import compose
+
+    argv = ["--labels", "soft", "--data-root", str(tmp_path), "--", "teacher.epochs=3", "synthetic.factor=2",
+            "dataset.n_max=100"]
+    args, extra = quality.parse_args(argv)
+    path = quality.teacher_file(args, "natural", 100.0, extra)
+    assert path == quality.teacher_file(args, "natural", 100.0, extra[::-1])  # the overrides' order is irrelevant
+    assert path != quality.teacher_file(args, "natural", 100.0, ["teacher.epochs=4", "dataset.n_max=100"])
+    assert path != quality.teacher_file(args, "hardtail", 100.0, extra) != quality.teacher_file(args, "natural", 10, extra)
+    assert quality.teacher_file(args, "natural", 100.0, extra + ["synthetic.factor=3"]) == path  # not a teacher key
+    cmd = quality.teacher_command(["dataset=fashion_mnist_lt"], 100.0, args, path, extra)
+    assert cmd[1:3] == ["-m", "csdm_dist.teacher"]
+    assert {"teacher.epochs=3", "dataset.n_max=100", f"labels.teacher={path}", "seed=0"} <= set(cmd)
+    assert "synthetic.factor=2" not in cmd
+    cfg = compose(cmd[3:])  # the teacher's overrides make a valid config
+    assert cfg.teacher.epochs == 3 and cfg.labels.teacher == str(path)
+    steps, distil = quality.commands(["dataset=fashion_mnist_lt"], "natural", 100.0, 10, "dm", 1, args, "full",
+                                     tmp_path / "run", ["labels.kind=soft", f"labels.teacher={path}"], tmp_path)
+    assert compose(distil).labels.kind == "soft" and compose(distil).eval.labels == "soft"
