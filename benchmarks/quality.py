@@ -107,8 +107,8 @@ def main(argv=None) -> dict:
     for order in args.orders:
         data = [f"dataset={ORDERS[order]}", f"dataset.raw_root={args.raw_root}", f"dataset.data_root={args.data_root}"]
         for imb in args.ifs:
-            run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}"],
-                out / f"build-{order}-if{imb:g}.log")
+            run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}",
+                 *[o for o in extra if o.startswith("dataset.")]], out / f"build-{order}-if{imb:g}.log")
             soft = []
             if args.labels == "soft":  # one teacher for every method and seed of this order and IF
                 path = teacher_file(args, order, imb, extra)

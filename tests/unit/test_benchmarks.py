@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python -m pytest tests/unit/test_benchmarks.py -q
 """
+import json
 import math
 import os
 import subprocess
@@ -116,3 +117,27 @@ def test_quality_soft_track_has_one_teacher_per_cell_given_to_every_method(tmp_p
     steps, distil = quality.commands(["dataset=fashion_mnist_lt"], "natural", 100.0, 10, "dm", 1, args, "full",
                                      tmp_path / "run", ["labels.kind=soft", f"labels.teacher={path}"], tmp_path)
     assert compose(distil).labels.kind == "soft" and compose(distil).eval.labels == "soft"
+
+
+def test_quality_soft_track_end_to_end(tmp_path):
+    """--labels soft on a tiny fake Fashion-MNIST-LT: the build and the teacher get the dataset.* overrides, one
+    teacher serves both methods, every set stores soft labels and is evaluated on the soft track."""
+    import quality
+    from fakes import write_fake_fashion_mnist
+
+    raw = write_fake_fashion_mnist(tmp_path / "raw", n_per_class=30)
+    tiny = ["extractor.width=16", "extractor.depth=2", "method.kernel.num_freqs=32", "distill.real_per_class=8",
+            "eval.epochs=1", "eval.repeats=1", "ipc=2", "dataset.n_max=null", "dataset.val_per_class=0",
+            "teacher.width=16", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=32"]
+    report = quality.main(["--quick", "--labels", "soft", "--if", "10", "--ipc", "2", "--methods", "random", "csdm",
+                           "--steps", "2", "--raw-root", str(raw), "--data-root", str(tmp_path / "data"),
+                           "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--", *tiny])
+    (cell, teacher), = report["teachers"].items()
+    assert cell == "natural IF 10" and Path(teacher["path"]).is_file() and 0 <= teacher["accuracy"]["mean"] <= 100
+    assert [r["method"] for r in report["rows"]] == ["random", "csdm"] and report["labels"] == "soft"
+    for r in report["rows"]:
+        assert r["labels"] == "soft" and r["settings"]["labels"]["teacher"] == teacher["path"]
+        run = tmp_path / "out" / "natural" / "if10" / "ipc2" / f"{r['method']}-soft" / "seed0"
+        res = json.loads((run / "results.json").read_text())
+        assert res["labels"] == "soft" and res["accuracy"]["labels"] == "soft"
+        assert "soft_labels" in torch.load(run / "distilled.pt", weights_only=False)
