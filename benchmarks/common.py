@@ -196,9 +196,10 @@ def devices_for(device: str, script: str) -> list[str]:
     return {"auto": ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]}.get(device, [device])
 
 
-def write_report(path: Path | None, payload: dict) -> None:
+def write_report(path: Path | None, payload: dict, quiet: bool = False) -> None:
     """The benchmark's JSON report at `path` (parents created), when one was asked for."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1))
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")

@@ -42,6 +42,36 @@ from features import IMAGENET_LT, imagenet_lt_like_counts
 
 MB = 2**20
 TIMEOUT_S = 1800  # one launch; a hang fails the run instead of the benchmark
+# a launch runs only when world x estimate x MARGIN fits in the memory available: measured peaks reached 1.3x the
+# estimate here (glibc keeps freed blocks, csdm_dist.dist.keep_freed_host_memory, so a phase's blocks fragment the
+# heap), and an IPC 50 world 1 run estimated at 18 GiB was killed by the kernel at 22.9 GB
+MARGIN = 1.4
+
+
+class LaunchFailed(Exception):
+    """A launch exited non-zero (the record says how, with the largest RSS its ranks reached)."""
+
+    def __init__(self, record: dict):
+        super().__init__(record["reason"])
+        self.record = record
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of the process `pid` and its descendants (the torchrun agent and its ranks), in MB."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            total += p.memory_info().rss / MB
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def setting(ipc: int, width: int) -> list[str]:
@@ -157,11 +187,22 @@ def launch(ipc: int, world: int, source: str, args) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         log = Path(tmp) / "log.txt"
         t0 = time.perf_counter()
+        top_rss = 0.0  # sampled every second: a rank the kernel kills reports nothing itself
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                top_rss = max(top_rss, tree_rss_mb(proc.pid))
+                if time.perf_counter() - t0 > TIMEOUT_S:
+                    proc.kill()
+                time.sleep(1)
         if proc.returncode != 0:
-            raise SystemExit(f"scale.py: IPC {ipc} world {world} {source} failed (exit {proc.returncode}):\n"
-                             + log.read_text()[-3000:])
+            text = log.read_text()
+            killed = "SIGKILL" in text or "Signal 9" in text
+            raise LaunchFailed({"ipc": ipc, "world": world, "real_source": source, "exit": proc.returncode,
+                                "largest_tree_rss_mb": top_rss, "reason": (
+                                    "a rank was killed (SIGKILL: out of memory?)" if killed else
+                                    f"exit {proc.returncode}") + f" at up to {top_rss:.0f} MB RSS in all",
+                                "log_tail": text[-2000:]})
         ranks = sorted((json.loads(p.read_text()) for p in Path(tmp).glob("rank*.json")), key=lambda r: r["rank"])
     if len(ranks) != world:
         raise SystemExit(f"scale.py: IPC {ipc} world {world} {source}: {len(ranks)} of {world} ranks reported")
@@ -228,45 +269,57 @@ def main(argv: list[str] | None = None) -> dict | None:
         return reestimate(args.reestimate)
     from csdm_dist.memory import available_bytes, human
 
-    runs, not_run = [], []
+    runs, not_run, failed = [], [], []
     for ipc in args.ipc:
         for world in args.world:
             for source in args.sources:
                 est = estimate(ipc, world, source, args.width)
                 free = available_bytes("cpu")
-                if world * est.total > 0.9 * free:
-                    why = (f"{world} ranks x {human(est.total)} estimated exceed 90 % of the {human(free)} available "
-                           "on this machine")
+                if world * est.total * MARGIN > free:
+                    why = (f"{world} ranks x {human(est.total)} estimated x {MARGIN} (scale.MARGIN) exceed the "
+                           f"{human(free)} available on this machine")
                     print(f"[scale] IPC {ipc}, world {world}, {source}: not run: {why}", flush=True)
-                    not_run.append({"ipc": ipc, "world": world, "real_source": source, "reason": why})
+                    not_run.append({"ipc": ipc, "world": world, "real_source": source, "reason": why,
+                                    "estimate_mb": est.total / MB})
                     continue
                 print(f"[scale] IPC {ipc}, world {world}, {source} ...", flush=True)
-                runs.append(launch(ipc, world, source, args))
+                try:
+                    runs.append(launch(ipc, world, source, args))
+                except LaunchFailed as e:
+                    print(f"[scale]   failed: {e}", flush=True)
+                    failed.append({**e.record, "estimate_mb": est.total / MB})
+                    continue
+                finally:  # every finished launch is on disk at once
+                    write_report(args.out, payload(args, runs, not_run, failed), quiet=True)
                 r = runs[-1]
                 print(f"[scale]   peak RSS {r['peak_rss_mb']:.0f} MB (baseline {r['baseline_rss_mb']:.0f}), estimate "
                       f"{r['estimate_mb']:.0f} MB, all-reduce {r['allreduce_bytes'] / MB:.1f} MB/step, step "
                       f"{r['step_s']:.1f} s, {r['wall_s']:.0f} s in all", flush=True)
     report(runs)
-    for r in not_run:
-        print(f"not run: IPC {r['ipc']}, world {r['world']}, {r['real_source']}: {r['reason']}")
-    payload = {"benchmark": "scale", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
-               "setting": [o for o in setting(0, args.width) if not o.startswith("ipc=")],
-               "imagenet_lt": IMAGENET_LT, "width": args.width,
-               "warmup_steps": args.warmup, "steps": args.steps,
-               "notes": ["random uint8 images with ImageNet-LT-like counts (1280 ... 5, 115,846 images)",
-                         "ranks share this machine's 2 cores (one thread each): step times at world > 1 are not "
-                         "those of N machines",
-                         "measured_over_estimate = (peak RSS - baseline RSS) / estimate; the baseline is the RSS "
-                         "after import torch and the process group",
-                         "allreduce_bytes: bytes passed to torch.distributed.all_reduce over groups of more than "
-                         "one rank in a measured step; local_allreduce_bytes: over one-rank groups (DeepSpeed's "
-                         "gradient reduction within a rank's own data-parallel group, no communication)",
-                         "synthetic_mb: the estimate's synthetic terms per rank (slice, gradients, optimizer "
-                         "state, synthetic activations)"],
-               "runs": runs, "not_run": not_run}
-    write_report(args.out, payload)
-    return payload
+    for r in not_run + failed:
+        print(f"not run or failed: IPC {r['ipc']}, world {r['world']}, {r['real_source']}: {r['reason']}")
+    out = payload(args, runs, not_run, failed)
+    write_report(args.out, out)
+    return out
+
+
+def payload(args, runs: list[dict], not_run: list[dict], failed: list[dict]) -> dict:
+    return {"benchmark": "scale", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
+            "setting": [o for o in setting(0, args.width) if not o.startswith("ipc=")],
+            "imagenet_lt": IMAGENET_LT, "width": args.width,
+            "warmup_steps": args.warmup, "steps": args.steps,
+            "notes": ["random uint8 images with ImageNet-LT-like counts (1280 ... 5, 115,846 images)",
+                      "ranks share this machine's 2 cores (one thread each): step times at world > 1 are not "
+                      "those of N machines",
+                      "measured_over_estimate = (peak RSS - baseline RSS) / estimate; the baseline is the RSS "
+                      "after import torch and the process group",
+                      "allreduce_bytes: bytes passed to torch.distributed.all_reduce over groups of more than "
+                      "one rank in a measured step; local_allreduce_bytes: over one-rank groups (DeepSpeed's "
+                      "gradient reduction within a rank's own data-parallel group, no communication)",
+                      "synthetic_mb: the estimate's synthetic terms per rank (slice, gradients, optimizer "
+                      "state, synthetic activations)"],
+            "runs": runs, "not_run": not_run, "failed": failed}
 
 
 if __name__ == "__main__":

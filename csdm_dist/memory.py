@@ -7,17 +7,19 @@ Counted (bytes per rank; world = replicas x shards, DESIGN.md section 4):
 - spectral statistics: C x (2M + 1) x 4 bytes per side (real, synthetic), x 2 sides (linear kernel: D + 1 for M)
 - real-data store: N / shards x ch x H x W bytes (uint8, held in memory for the whole run)
 - the full synthetic set, briefly at init and at the final gather: C * ipc * ch * H * W * 4
-- extractor activations, roughly: the synthetic slice's forward pass is kept for the backward (about 4 fp32 maps per
-  ConvNet block, 12 per ResNet stage), or one distill.syn_chunk of it under activation checkpointing; the real
-  batch's pass (no gradient) holds one block's input and output (real_source=images)
-- real_source=features: the feature store (N / shards x members x views x D, fp16 or fp32) and the step's finished
-  fp32 features [N / shards, D], instead of the real forward
-- statistics intermediates: spectral.class_statistics works on STATS_CHUNK rows at a time, each holding the
-  projection, cos, sin and their concatenation ([rows, 5M] fp32); the synthetic side without syn_chunk also keeps
-  every row's projection [n_syn, M] for the backward. The larger of the two sides (they do not coexist)
+- real_source=features: the feature store (N / shards x members x views x D, fp16 or fp32)
+Then the working set of the largest of a step's phases, which follow one another (measured at ImageNet-LT shapes
+on the CPU: benchmarks/scale.py):
+- real forward (real_source=images): the real batch in fp32, normalised and augmented (2 copies), and one
+  distill.real_chunk of the no-grad forward (a block's input and output)
+- real statistics: spectral.class_statistics over the real batch or every feature of the rank (with the finished
+  fp32 features [N / shards, D]), STATS_CHUNK rows at a time, each holding the projection, cos, sin and their
+  concatenation ([rows, 5M] fp32)
+- synthetic pass: the activations kept for the backward (about 4 fp32 maps per ConvNet block, 12 per ResNet
+  stage) of the whole slice, or of one distill.syn_chunk under activation checkpointing plus the decoded images;
+  the statistics of the same rows (unchunked: every row's projection [n_syn, M] kept for the backward too)
 Not counted: the extractor pool, frequencies, CUDA/DeepSpeed workspace, the evaluation and the process itself
-(libraries: about 0.7 GB of host memory for torch on the CPU). The
-activations dominate at 64 px and above; treat the total as an estimate, not a bound.
+(libraries: about 0.7 GB of host memory for torch on the CPU). Treat the total as an estimate, not a bound.
 """
 from __future__ import annotations
 
@@ -35,16 +37,34 @@ class MemoryEstimate:
     world_size: int
     replicas: int
     shards: int
+    # item -> the phase of a step it lives in (absent: held all along). Phases follow one another, so the total
+    # counts the largest phase only
+    phases: tuple[tuple[str, str], ...] = ()
+
+    def phase_bytes(self) -> dict[str, int]:
+        """Bytes of each phase's working set."""
+        of, out = dict(self.phases), {}
+        for name, b, _ in self.rows:
+            if name in of:
+                out[of[name]] = out.get(of[name], 0) + b
+        return out
 
     @property
     def total(self) -> int:
-        return sum(b for _, b, _ in self.rows)
+        of = dict(self.phases)
+        return sum(b for name, b, _ in self.rows if name not in of) + max(self.phase_bytes().values(), default=0)
 
     def table(self, ranks_per_node: int = 1) -> str:
-        width = max(len(name) for name, _, _ in self.rows)
+        of = dict(self.phases)
+        width = max(len(name) + (len(of[name]) + 3 if name in of else 0) for name, _, _ in self.rows)
         lines = [f"memory estimate per rank (world {self.world_size} = {self.replicas} replicas x "
                  f"{self.shards} shards):"]
-        lines += [f"  {name:<{width}}  {human(b):>10}   {how}" for name, b, how in self.rows]
+        lines += [f"  {name:<{width}}  {human(b):>10}   {how}" for name, b, how in self.rows if name not in of]
+        if of:
+            per = self.phase_bytes()
+            lines.append(f"  one phase of a step at a time (the largest, {max(per, key=per.get)}, counts):")
+            lines += [f"  {'[' + of[name] + '] ' + name:<{width}}  {human(b):>10}   {how}"
+                      for name, b, how in self.rows if name in of]
         lines.append(f"  {'total (estimate)':<{width}}  {human(self.total):>10}   + workspace, extractor pool")
         if ranks_per_node > 1:
             lines.append(f"  {'per node':<{width}}  {human(self.total * ranks_per_node):>10}   "
@@ -124,39 +144,57 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
     rows.append(("real-data store", math.ceil(num_real / shards) * ch_hw,
                  f"{num_real} images / {shards} shards x {d.channels} x {d.image_size} x {d.image_size} uint8"))
     rows.append(("full set (init, final gather)", c * ipc * ch_hw * 4, f"{fmt} x 4 B, briefly"))
+    if cfg.real_source == "features":  # every feature of this rank, every step; no real forward
+        n_feat = math.ceil(num_real / shards)
+        dim, k, v = feature_dim(cfg), cfg.extractor.pool_size, cfg.features.views
+        size = 2 if cfg.features.dtype == "float16" else 4
+        rows.append(("feature store", n_feat * k * v * dim * size,
+                     f"{n_feat} features x {k} members x {v} views x {dim} x {size} B ({cfg.features.dtype})"))
+
+    # the working sets of a step's phases, one after the other: the real forward (images), the real statistics,
+    # the synthetic forward and backward
+    phases: list[tuple[str, str]] = []
+
+    def during(phase: str, name: str, b: int, how: str) -> None:
+        rows.append((name, b, how))
+        phases.append((name, phase))
+
     kept, peak = activation_bytes(cfg)
+    m = cfg.method.kernel.num_freqs if cfg.method.kernel.name != "linear" else 0
+    if real_batch is None:
+        real_batch = min(num_real, c * cfg.distill.real_per_class)
+    if cfg.real_source == "features":
+        n_stat = n_feat
+        during("real statistics", "finished features", n_feat * dim * 4, f"{n_feat} x {dim} fp32")
+    else:
+        n_stat = n_real = math.ceil(real_batch / shards)
+        n_live = min(n_real, cfg.distill.real_chunk)  # the real forward runs in chunks of distill.real_chunk
+        during("real forward", "real batch (fp32)", 2 * n_real * ch_hw * 4,
+               f"~{n_real} images per step x {d.channels} x {d.image_size} x {d.image_size} x 4 B, normalised and "
+               "augmented")
+        during("real forward", "activations, real (no grad)", n_live * peak,
+               f"{n_live} at a time (distill.real_chunk) x {human(peak)} peak")
+    if m:
+        during("real statistics", "statistics, real side", statistics_bytes(n_stat, m),
+               f"min({n_stat}, {STATS_CHUNK}) rows x 5M x 4 B (projection, cos, sin, both)")
     f2 = cfg.synthetic.factor ** 2  # multi-formation: every stored image is decoded into f^2 images
     n_syn = math.ceil(c * ipc / shards) * f2
     chunk = cfg.distill.syn_chunk
     decoded = f"{n_syn} images" + (f" (x{f2} decoded)" if f2 > 1 else "")
-    if chunk is None or chunk >= n_syn:
-        rows.append(("activations, synthetic", n_syn * kept, f"{decoded} x {human(kept)} kept for the backward"))
+    whole = chunk is None or chunk >= n_syn
+    if whole:
+        during("synthetic pass", "activations, synthetic", n_syn * kept,
+               f"{decoded} x {human(kept)} kept for the backward")
     else:  # activation checkpointing: one chunk's activations live at a time, plus the decoded images it keeps
-        rows.append(("activations, synthetic", chunk * kept + n_syn * ch_hw * 4,
-                     f"{chunk} of {decoded} at a time (distill.syn_chunk) x {human(kept)} + the decoded fp32 images"))
-    if real_batch is None:
-        real_batch = min(num_real, c * cfg.distill.real_per_class)
-    n_real = math.ceil(real_batch / shards)
-    if cfg.real_source == "features":  # every feature of this rank, every step; no real forward
-        n_real = math.ceil(num_real / shards)
-        dim, k, v = feature_dim(cfg), cfg.extractor.pool_size, cfg.features.views
-        size = 2 if cfg.features.dtype == "float16" else 4
-        rows.append(("feature store", n_real * k * v * dim * size,
-                     f"{n_real} features x {k} members x {v} views x {dim} x {size} B ({cfg.features.dtype})"))
-        rows.append(("finished features", n_real * dim * 4, f"{n_real} x {dim} fp32, each step"))
-    else:
-        n_live = min(n_real, cfg.distill.real_chunk)  # the real forward runs in chunks of distill.real_chunk
-        rows.append(("activations, real (no grad)", n_live * peak,
-                     f"~{n_real} images per step, {n_live} at a time (distill.real_chunk) x {human(peak)} peak"))
-    if cfg.method.kernel.name != "linear":
-        m = cfg.method.kernel.num_freqs
-        whole = chunk is None or chunk >= n_syn
-        syn = statistics_bytes(n_syn if whole else chunk, m) + (n_syn * m * 4 if whole else 0)
-        real = statistics_bytes(n_real, m)
-        rows.append(("statistics intermediates", max(real, syn),
-                     f"{'real' if real >= syn else 'synthetic'} side: min(rows, {STATS_CHUNK}) x 5M x 4 B"
-                     + (f" + {n_syn} x M x 4 B kept for the backward" if whole and syn >= real else "")))
-    return MemoryEstimate(tuple(rows), world_size, replicas, shards)
+        during("synthetic pass", "activations, synthetic", chunk * kept + n_syn * ch_hw * 4,
+               f"{chunk} of {decoded} at a time (distill.syn_chunk) x {human(kept)} + the decoded fp32 images")
+    if m:
+        rows_syn = n_syn if whole else chunk
+        during("synthetic pass", "statistics, synthetic side",
+               statistics_bytes(rows_syn, m) + (n_syn * m * 4 if whole else 0),
+               f"min({rows_syn}, {STATS_CHUNK}) rows x 5M x 4 B" +
+               (f" + {n_syn} x M x 4 B projections kept for the backward" if whole else ""))
+    return MemoryEstimate(tuple(rows), world_size, replicas, shards, tuple(phases))
 
 
 def estimate_from_counts(cfg: Config, world_size: int, counts: list[int]) -> MemoryEstimate:
@@ -187,7 +225,8 @@ def check_fits(est: MemoryEstimate, ranks_here: int, available: int) -> None:
         top = max(est.rows, key=lambda r: r[1])
         hint = {"activations, synthetic": "set distill.syn_chunk (e.g. 1024: activation checkpointing holds one chunk)",
                 "activations, real (no grad)": "lower distill.real_chunk",
-                "statistics intermediates": "lower method.kernel.num_freqs"}.get(top[0], "lower ipc (or the settings "
+                "statistics, real side": "lower method.kernel.num_freqs",
+                "statistics, synthetic side": "set distill.syn_chunk or lower method.kernel.num_freqs"}.get(top[0], "lower ipc (or the settings "
                                                                                         "behind that item)")
         raise ConfigError(f"invalid config `force_memory`: the memory estimate {human(need)}{per} exceeds the "
                           f"{human(available)} available; the largest item is {top[0]} ({human(top[1])}: {top[2]}). "

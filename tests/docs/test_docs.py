@@ -111,7 +111,7 @@ TINY_EXTRA = ["distill.iterations=3", "eval.epochs=1", "extractor.pool_size=1", 
 TINY_EVAL = ["eval.epochs=1", "eval.repeats=1", "eval.test_batch_size=256", "device=cpu"]
 TINY_FLAGS = {"speed.py": ["--device", "cpu", "--steps", "1", "--warmup", "0", "--wait-idle", "0", "--retries", "0",
                            "--override", "extractor.width=16", "--override", "distill.real_per_class=8",
-                           "--override", "method.kernel.num_freqs=32"]}
+                           "--override", "method.kernel.num_freqs=32", "--precision", "fp32"]}  # in this process
 IMAGEFOLDER_COUNTS = (12, 8, 5, 3, 2)  # train images per class of the fake image folder (natural counts)
 
 

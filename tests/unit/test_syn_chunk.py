@@ -73,8 +73,8 @@ def test_memory_estimate_holds_one_chunk_of_synthetic_activations():
     assert rows["null"]["activations, synthetic"] == n * kept
     assert rows["1000"]["activations, synthetic"] == 1000 * kept + n * 3 * 64 * 64 * 4
     # without chunks the synthetic side also keeps every image's projection [n, M] for the backward
-    assert rows["null"]["statistics intermediates"] > rows["1000"]["statistics intermediates"]
-    moved = ("activations, synthetic", "statistics intermediates")
+    assert rows["null"]["statistics, synthetic side"] > rows["1000"]["statistics, synthetic side"]
+    moved = ("activations, synthetic", "statistics, synthetic side")
     assert {k: v for k, v in rows["null"].items() if k not in moved} == \
         {k: v for k, v in rows["1000"].items() if k not in moved}
 
@@ -87,3 +87,16 @@ def test_a_refusal_names_the_setting_of_its_largest_item():
     with pytest.raises(ConfigError, match=r"largest item is activations, synthetic .* Set distill\.syn_chunk .*"
                                           r"force_memory=true"):
         check_fits(est, 1, 2**30)
+
+
+def test_the_total_counts_held_items_and_the_largest_phase_only():
+    from csdm_dist.memory import estimate_memory
+
+    est = estimate_memory(compose(["dataset=imagenet_lt", "ipc=10", "distill.syn_chunk=1024", "device=cpu"]), 2,
+                          115846)
+    per = est.phase_bytes()
+    assert set(per) == {"real forward", "real statistics", "synthetic pass"}
+    held = sum(b for name, b, _ in est.rows if name not in dict(est.phases))
+    assert est.total == held + max(per.values()) < sum(b for _, b, _ in est.rows)
+    table = est.table()
+    assert f"the largest, {max(per, key=per.get)}, counts" in table and "[real forward] real batch (fp32)" in table
