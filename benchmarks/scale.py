@@ -74,17 +74,18 @@ def tree_rss_mb(pid: int) -> float:
     return total
 
 
-def setting(ipc: int, width: int) -> list[str]:
+def setting(ipc: int, width: int, overrides: list[str] = ()) -> list[str]:
+    """The launch's config overrides; `overrides` (--override) come last."""
     return ["dataset=imagenet_lt", "device=cpu", f"ipc={ipc}", "extractor.depth=4", f"extractor.width={width}",
-            "synthetic.factor=1", "distill.init=real", "distill.real_per_class=8", "distill.syn_chunk=1024"]
+            "synthetic.factor=1", "distill.init=real", "distill.real_per_class=8", "distill.syn_chunk=1024", *overrides]
 
 
-def estimate(ipc: int, world: int, source: str, width: int):
+def estimate(ipc: int, world: int, source: str, width: int, overrides: list[str] = ()):
     """csdm_dist.memory's estimate per rank for one launch (a pure function of the config: recomputable)."""
     from csdm_dist.memory import estimate_from_counts
 
     extra = features_overrides(Path("pool.pt")) if source == "features" else []
-    return estimate_from_counts(compose(setting(ipc, width) + extra), world, imagenet_lt_like_counts())
+    return estimate_from_counts(compose(setting(ipc, width, overrides) + extra), world, imagenet_lt_like_counts())
 
 
 def estimate_fields(est, peak_minus_baseline_mb: float) -> dict:
@@ -130,7 +131,7 @@ def worker(args) -> None:
     sizes = count_all_reduce()
     try:
         with tempfile.TemporaryDirectory(prefix="csdm-scale-") as tmp:
-            base = setting(ipc, args.width)
+            base = setting(ipc, args.width, args.override)
             features = args.source == "features"
             cfg = compose(base + (fixed_pool_overrides(base, Path(tmp)) if features else []))
             t0 = time.perf_counter()
@@ -183,7 +184,8 @@ def launch(ipc: int, world: int, source: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="csdm-scale-run-") as tmp:
         cmd = [torchrun, f"--nproc_per_node={world}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                str(Path(__file__).resolve()), "--worker-out", tmp, "--ipc", str(ipc), "--source", source,
-               "--width", str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--width", str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               *[a for o in args.override for a in ("--override", o)]]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         log = Path(tmp) / "log.txt"
         t0 = time.perf_counter()
@@ -210,7 +212,8 @@ def launch(ipc: int, world: int, source: str, args) -> dict:
     net = top["peak_rss_mb"] - top["baseline_rss_mb"]
     return {"ipc": ipc, "world": world, "real_source": source,
             "peak_rss_mb": top["peak_rss_mb"], "baseline_rss_mb": top["baseline_rss_mb"], "peak_minus_baseline_mb": net,
-            **estimate_fields(estimate(ipc, world, source, args.width), net),
+            "overrides": list(args.override), **estimate_fields(estimate(ipc, world, source, args.width,
+                                                                            args.override), net),
             "allreduce_bytes": ranks[0]["allreduce_bytes"], "local_allreduce_bytes": ranks[0]["local_allreduce_bytes"],
             "step_s": max(r["step_s"] for r in ranks), "phases_ms": ranks[0]["phases_ms"],
             "wall_s": time.perf_counter() - t0, "per_rank": ranks}
@@ -236,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world", type=int, nargs="+", default=[1, 2, 4], help="ranks (processes on this machine)")
     p.add_argument("--sources", nargs="+", choices=("images", "features"), default=["images", "features"])
     p.add_argument("--width", type=int, default=16, help="extractor width (ImageNet-LT's configs use 128)")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override of every launch")
+    p.add_argument("--append", action="store_true",
+                   help="keep the --out file's other runs (those of another IPC, world, source or overrides)")
     p.add_argument("--steps", type=int, default=1, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     p.add_argument("--out", type=Path, default=None, help="JSON file for the results")
@@ -252,7 +258,8 @@ def reestimate(path: Path) -> dict:
 
     payload = json.loads(path.read_text())
     for r in payload["runs"]:
-        r.update(estimate_fields(estimate(r["ipc"], r["world"], r["real_source"], payload["width"]),
+        r.update(estimate_fields(estimate(r["ipc"], r["world"], r["real_source"], payload["width"],
+                                          r.get("overrides", [])),
                                  r["peak_minus_baseline_mb"]))
     payload["estimate_recomputed"] = {"date": time.strftime("%Y-%m-%d"), "git_commit": git_commit()}
     report(payload["runs"])
@@ -273,21 +280,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     for ipc in args.ipc:
         for world in args.world:
             for source in args.sources:
-                est = estimate(ipc, world, source, args.width)
+                est = estimate(ipc, world, source, args.width, args.override)
                 free = available_bytes("cpu")
                 if world * est.total * MARGIN > free:
                     why = (f"{world} ranks x {human(est.total)} estimated x {MARGIN} (scale.MARGIN) exceed the "
                            f"{human(free)} available on this machine")
                     print(f"[scale] IPC {ipc}, world {world}, {source}: not run: {why}", flush=True)
                     not_run.append({"ipc": ipc, "world": world, "real_source": source, "reason": why,
-                                    "estimate_mb": est.total / MB})
+                                    "estimate_mb": est.total / MB, "overrides": list(args.override)})
                     continue
                 print(f"[scale] IPC {ipc}, world {world}, {source} ...", flush=True)
                 try:
                     runs.append(launch(ipc, world, source, args))
                 except LaunchFailed as e:
                     print(f"[scale]   failed: {e}", flush=True)
-                    failed.append({**e.record, "estimate_mb": est.total / MB})
+                    failed.append({**e.record, "estimate_mb": est.total / MB, "overrides": list(args.override)})
                     continue
                 finally:  # every finished launch is on disk at once
                     write_report(args.out, payload(args, runs, not_run, failed), quiet=True)
@@ -303,7 +310,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     return out
 
 
+def key(r: dict) -> tuple:
+    return r["ipc"], r["world"], r["real_source"], tuple(r.get("overrides", []))
+
+
 def payload(args, runs: list[dict], not_run: list[dict], failed: list[dict]) -> dict:
+    if args.append and args.out is not None and args.out.is_file():  # the file's other runs stay
+        prior, new = json.loads(args.out.read_text()), {key(r) for r in runs + not_run + failed}
+        runs, not_run, failed = ([r for r in prior.get(k, []) if key(r) not in new] + mine
+                                 for k, mine in (("runs", runs), ("not_run", not_run), ("failed", failed)))
     return {"benchmark": "scale", "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
             "setting": [o for o in setting(0, args.width) if not o.startswith("ipc=")],

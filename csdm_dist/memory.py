@@ -2,7 +2,8 @@
 
 Counted (bytes per rank; world = replicas x shards, DESIGN.md section 4):
 - synthetic slice: C * ipc * ch * H * W * 4 / shards (fp32 pixels; bf16: 2 bytes plus a 4-byte master copy)
-- gradients of the slice: the same size (ZeRO >= 2 partitions them over the replicas)
+- gradients of the slice: the same size (ZeRO >= 2 partitions them over the replicas); without ZeRO, DeepSpeed
+  reduces them through a flat copy of the same size (measured: benchmarks/scale.py at IPC 50)
 - optimizer state: Adam 2x the fp32 slice, SGD with momentum 1x; divided by the replicas under ZeRO >= 1
 - spectral statistics: C x (2M + 1) x 4 bytes per side (real, synthetic), x 2 sides (linear kernel: D + 1 for M)
 - real-data store: N / shards x ch x H x W bytes (uint8, held in memory for the whole run)
@@ -127,8 +128,11 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
     else:
         rows.append(("synthetic slice", pixels * 4, f"{fmt} x 4 B / {shards} shards"))
     grad_div = replicas if zero >= 2 else 1
-    rows.append(("gradients", pixels * (2 if bf16 else 4) // grad_div,
+    grads = pixels * (2 if bf16 else 4) // grad_div
+    rows.append(("gradients", grads,
                  "same as the slice" + (f" / {replicas} replicas (ZeRO {zero})" if grad_div > 1 else "")))
+    if zero == 0:  # DeepSpeed's non-ZeRO reduction flattens the gradients into one buffer (even over one rank)
+        rows.append(("gradient all-reduce copy", grads, "DeepSpeed (ZeRO 0) flattens the gradients to reduce them"))
     states = 2 if cfg.distill.optimizer == "adam" else (1 if cfg.distill.momentum else 0)
     if states:
         opt_div = replicas if zero >= 1 else 1
