@@ -28,8 +28,7 @@ import math
 from dataclasses import dataclass
 
 from .config import Config
-
-STATS_CHUNK = 16384  # rows per chunk: the default `chunk` of spectral.class_statistics
+from .spectral import STATS_CHUNK
 
 
 @dataclass(frozen=True)

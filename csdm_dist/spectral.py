@@ -83,8 +83,11 @@ def gaussian_mmd2(x: Tensor, y: Tensor, bandwidth: float) -> Tensor:
 # Per-class sufficient statistics
 # ---------------------------------------------------------------------------------------------------------------
 
+STATS_CHUNK = 16384  # samples per chunk of class_statistics (csdm_dist/memory.py counts one chunk's intermediates)
+
+
 def class_statistics(features: Tensor, labels: Tensor, num_classes: int, freqs: Tensor | None,
-                     chunk: int = 16384, freq_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     chunk: int = STATS_CHUNK, freq_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-class sums [C, F] and counts [C] of a sample set, for all classes at once.
 
     `freqs` [M, d] gives F = 2M (sum cos(t.z), then sum sin(t.z)); `freqs=None` is the linear kernel, F = d.
