@@ -121,6 +121,26 @@ def attach_random_features(distiller, seed: int = 7) -> None:
     r.features = FeatureData(feats.to(r.labels.device), r.labels, r.ids)
 
 
+def distiller_for_source(base: list[str], folder: Path, rt, source: str, counts: list[int] | None = None):
+    """build_distiller on the config `base` for real_source `source`: `images` (random pixels) or `features` (a
+    fixed one-member pool saved in `folder` and random features attached)."""
+    features = source == "features"
+    cfg = compose(base + (fixed_pool_overrides(base, folder) if features else []))
+    d = build_distiller(cfg, rt, folder, counts=counts)
+    if features:
+        attach_random_features(d)
+    return d
+
+
+def timed_step(distiller, step: int, clock=time.perf_counter) -> tuple[float, dict[str, float], dict]:
+    """One train_step: (its wall time by `clock`, the seconds of each PHASES entry from the distiller's PhaseTimer,
+    the step's output). The PhaseTimer must be on for the phases to be non-zero."""
+    before = dict(distiller.timer.totals)
+    t0 = clock()
+    out = distiller.train_step(step)
+    wall = clock() - t0
+    return wall, {k: distiller.timer.totals.get(k, 0.0) - before.get(k, 0.0) for k in PHASES}, out
+
 # ---------------------------------------------------------------------------------------------------------------
 # machine load: the benchmarks wait for an idle CPU and report what other processes used while they ran
 # ---------------------------------------------------------------------------------------------------------------

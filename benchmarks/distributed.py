@@ -18,10 +18,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import PHASES, ROOT, OtherLoad, build_distiller, compose, cores_available, machine_info, wait_idle
+from common import (PHASES, ROOT, OtherLoad, build_distiller, compose, cores_available, machine_info, timed_step,
+                    wait_idle)
 
 KEYS = (*PHASES, "real", "step")  # real = real_features + real_statistics; step = wall time of train_step
 NOTE = ("On 2 cores one process already uses both cores through its 2 threads, so the 1 -> 2 process speed-up "
@@ -76,12 +76,10 @@ def worker(args: argparse.Namespace) -> None:
             real_images = []
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             for step in range(args.warmup, args.warmup + args.steps):
-                before = dict(distiller.timer.totals)
-                t0 = time.perf_counter()
-                out = distiller.train_step(step)
-                per_step["step"].append(time.perf_counter() - t0)
+                wall, took, out = timed_step(distiller, step)
+                per_step["step"].append(wall)
                 for k in PHASES:
-                    per_step[k].append(distiller.timer.totals.get(k, 0.0) - before.get(k, 0.0))
+                    per_step[k].append(took[k])
                 per_step["real"].append(per_step["real_features"][-1] + per_step["real_statistics"][-1])
                 real_images.append(float(out["real_images"]))  # the global real batch of the step
             ru1 = resource.getrusage(resource.RUSAGE_SELF)

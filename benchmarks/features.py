@@ -43,8 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PHASES, OtherLoad, attach_random_features, build_distiller, class_counts, compose, cores_available,
-                    devices_for, fixed_pool_overrides, machine_info, wait_idle, write_report)
+from common import (PHASES, OtherLoad, class_counts, compose, cores_available, devices_for, distiller_for_source,
+                    machine_info, timed_step, wait_idle, write_report)
 from speed import setting as speed_setting
 
 GB = 1e9
@@ -171,12 +171,7 @@ def job_a_step(device: str, spec: dict) -> dict:
         base.append(f"distill.real_per_class={spec['real_per_class']}")
     try:
         with tempfile.TemporaryDirectory(prefix="csdm-features-bench-") as tmp, OtherLoad() as load:
-            features = spec["source"] == "features"
-            extra = fixed_pool_overrides(base, Path(tmp)) if features else []
-            cfg = compose(base + extra)
-            d = build_distiller(cfg, rt, Path(tmp))
-            if features:
-                attach_random_features(d)
+            d = distiller_for_source(base, Path(tmp), rt, spec["source"])
             if rt.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(rt.device)
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -193,10 +188,9 @@ def job_a_step(device: str, spec: dict) -> dict:
             d.timer = PhaseTimer(enabled=True, device=rt.device)
             phases: dict[str, list[float]] = {k: [] for k in PHASES}
             for s in timed:
-                before = dict(d.timer.totals)
-                d.train_step(s)
+                took = timed_step(d, s, clock)[1]
                 for k in PHASES:
-                    phases[k].append(d.timer.totals.get(k, 0.0) - before.get(k, 0.0))
+                    phases[k].append(took[k])
             peaks = _peaks(rt.device, rss0)
     finally:
         close_distributed()

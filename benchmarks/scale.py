@@ -36,8 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PHASES, ROOT, attach_random_features, build_distiller, compose, features_overrides,
-                    fixed_pool_overrides, machine_info, write_report)
+from common import (PHASES, ROOT, compose, distiller_for_source, features_overrides, machine_info, timed_step,
+                    write_report)
 from features import IMAGENET_LT, imagenet_lt_like_counts
 
 MB = 2**20
@@ -131,13 +131,8 @@ def worker(args) -> None:
     sizes = count_all_reduce()
     try:
         with tempfile.TemporaryDirectory(prefix="csdm-scale-") as tmp:
-            base = setting(ipc, args.width, args.override)
-            features = args.source == "features"
-            cfg = compose(base + (fixed_pool_overrides(base, Path(tmp)) if features else []))
             t0 = time.perf_counter()
-            d = build_distiller(cfg, rt, Path(tmp), counts=counts)
-            if features:
-                attach_random_features(d)
+            d = distiller_for_source(setting(ipc, args.width, args.override), Path(tmp), rt, args.source, counts)
             build_s = time.perf_counter() - t0
             for s in range(args.warmup):
                 d.train_step(s)
@@ -148,14 +143,12 @@ def worker(args) -> None:
             for s in range(args.warmup, args.warmup + args.steps):
                 for v in sizes.values():
                     del v[:]
-                before = dict(d.timer.totals)
-                t0 = time.perf_counter()
-                d.train_step(s)
-                step_s.append(time.perf_counter() - t0)
+                wall, took, _ = timed_step(d, s)
+                step_s.append(wall)
                 payload.append(sum(sizes["communicated"]))
                 local.append(sum(sizes["local"]))
                 for k in PHASES:
-                    phases[k].append(d.timer.totals.get(k, 0.0) - before.get(k, 0.0))
+                    phases[k].append(took[k])
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             out = {"rank": rt.rank, "world": rt.world_size, "ipc": ipc, "real_source": args.source,
                    "threads": torch.get_num_threads(), "baseline_rss_mb": baseline_mb, "peak_rss_mb": peak_mb,
