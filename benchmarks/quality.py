@@ -5,6 +5,7 @@ evaluation protocol for all.
     .venv/bin/python benchmarks/quality.py --split val --if 100 -- synthetic.factor=2 distill.init=mix   # ablation
     .venv/bin/python benchmarks/quality.py --orders natural hardtail --seeds 0 1 2 --reuse \\
         --results benchmarks/results/quality_full_cpu.json              # the README tables (split over --reuse runs)
+    .venv/bin/python benchmarks/quality.py --methods dm csdm --archs convnet vgg11 alexnet resnet18 --reuse
 
 For each class order (`natural`: configs/dataset/fashion_mnist_lt.yaml, `hardtail`: the hard classes in the tail,
 fashion_mnist_lt_hardtail.yaml) and imbalance factor it builds the long-tailed shards (skipped when they exist),
@@ -13,6 +14,10 @@ the starting point of every other method, the same images and the same multi-for
 same overrides (factor, init, lr schedule, budget), the same evaluation protocol, epochs, repeats and split.
 `--split val` evaluates on the balanced validation split (choosing defaults); the tables are made with `test`.
 `--at-steps` also evaluates each run's set after those steps (eval.at_steps): accuracy against steps.
+`--archs` evaluates every run's set on each of those networks too (cross-architecture: the set is distilled once,
+with the extractor of its config; `python -m csdm_dist.evaluate distilled=<run>/distilled.pt eval.arch=<arch>`
+writes `eval-<protocol>-<epochs>ep-<arch>.json` beside it, with the run's own protocol, epochs, repeats, split and
+label track). Every row names its `arch`.
 
 Each cell reports the mean and std over seeds of each seed's mean over evaluation repeats, the many / medium / few
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
@@ -35,6 +40,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common import CONFIGS, machine_info, write_report
+
+from csdm_dist.config import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("random", "dm", "ncfm", "csdm", "csdm-features")
@@ -61,6 +68,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="evaluation split: val to choose settings, test for the reported tables")
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the mode's)")
     p.add_argument("--at-steps", type=int, nargs="+", default=[], help="also evaluate after these steps")
+    p.add_argument("--archs", nargs="+", default=None, choices=ARCHS,
+                   help="evaluation networks, each a row (default: the run's own eval.arch only)")
     p.add_argument("--labels", choices=("hard", "soft"), default="hard",
                    help="label track; soft: every method's set gets soft labels from one teacher per class order and "
                         "IF (python -m csdm_dist.teacher with the teacher.* and dataset.* overrides after --)")
@@ -120,7 +129,7 @@ def main(argv=None) -> dict:
                 soft = ["labels.kind=soft", f"labels.teacher={path}"]
             for ipc in args.ipc:
                 for method in args.methods:
-                    seeds = []
+                    seeds: dict[str, list[dict]] = {}  # arch -> one result per seed
                     for seed in args.seeds:
                         cell = f"{order} IF {imb:g} IPC {ipc} {method} seed {seed}"
                         track = method if args.labels == "hard" else f"{method}-{args.labels}"
@@ -137,8 +146,14 @@ def main(argv=None) -> dict:
                                 shutil.rmtree(run_dir)
                             for cmd, log in steps:
                                 run(cmd, log)
-                        seeds.append(seed_result(seed, json.loads((run_dir / "results.json").read_text())))
-                    rows.append(cell_row(order, imb, ipc, method, args.labels, seeds))
+                        res = json.loads((run_dir / "results.json").read_text())
+                        own = res["config"]["eval"]["arch"]
+                        for arch in args.archs or [own]:
+                            if arch != own:
+                                log = out / f"{order}-if{imb:g}-ipc{ipc}-{method}-s{seed}-eval-{arch}.log"
+                                res = arch_result(run_dir, arch, args.device, log, t_start, cell)
+                            seeds.setdefault(arch, []).append(seed_result(seed, res))
+                    rows += [cell_row(order, imb, ipc, method, args.labels, arch, s) for arch, s in seeds.items()]
     table = markdown(rows, args, mode, extra) + teachers_markdown(teachers)
     report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
               "protocol": "dm", "seeds": args.seeds, "extra_overrides": extra, "settings": settings,
@@ -213,6 +228,27 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
     return steps, distil
 
 
+def arch_result(run_dir: Path, arch: str, device: str, log: Path, t_start: float, cell: str) -> dict:
+    """The run's results.json with its accuracy (and eval timing and settings) from the evaluation of its set on
+    `arch`: the record python -m csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with
+    exactly the run's evaluation settings on `arch`."""
+    from csdm_dist.config import EvalConfig
+    from csdm_dist.evaluate import eval_record_name
+
+    res = json.loads((run_dir / "results.json").read_text())
+    ev = EvalConfig(**{**res["config"]["eval"], "arch": arch})
+    path = run_dir / eval_record_name(ev)
+    want = {k: v for k, v in vars(ev).items() if k != "at_steps"}
+    have = json.loads(path.read_text()) if path.is_file() else None
+    if have is None or {k: have["eval"].get(k) for k in want} != want or "eval_s" not in have:
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: evaluating on {arch} ...", flush=True)
+        run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={run_dir / 'distilled.pt'}", f"eval.arch={arch}",
+             f"device={device}"], log)
+        have = json.loads(path.read_text())
+    config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch}}
+    return {**res, "config": config, "accuracy": have["accuracy"], "timing": {**res["timing"], "eval_s": have["eval_s"]}}
+
+
 def check_reusable(run_dir: Path, overrides: list[str]) -> None:
     """Stop unless run_dir's results were made with the config `overrides` give now (up to where it ran)."""
     from hydra import compose, initialize_config_dir
@@ -266,14 +302,14 @@ def settings_of(cfg: dict, precision: str | None) -> dict:
                         "class_order": cfg["dataset"]["class_order"]}}
 
 
-def cell_row(order: str, imb: float, ipc: int, method: str, labels: str, seeds: list[dict]) -> dict:
+def cell_row(order: str, imb: float, ipc: int, method: str, labels: str, arch: str, seeds: list[dict]) -> dict:
     settings = [s["settings"] for s in seeds]
     if any(s != settings[0] for s in settings):
-        raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method}: its seeds ran with different settings")
+        raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different settings")
     steps = sorted({k for s in seeds for k in s["at_steps"]}, key=int)
     curve = {k: statistics.fmean(s["at_steps"][k] for s in seeds) for k in steps
              if all(k in s["at_steps"] for s in seeds)}
-    return {"order": order, "imbalance_factor": imb, "ipc": ipc, "method": method, "labels": labels,
+    return {"order": order, "imbalance_factor": imb, "ipc": ipc, "method": method, "labels": labels, "arch": arch,
             "seeds": [s["seed"] for s in seeds], "accuracy": [s["mean"] for s in seeds], **aggregate(seeds),
             "accuracy_at_steps": curve, "settings": settings[0], "per_seed": seeds}
 
@@ -294,10 +330,10 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
     lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
              f"{args.split} split; accuracy %, {spread}"
              + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]
-    groups = list(dict.fromkeys((r["order"], r["ipc"]) for r in rows))
-    for order, ipc in groups:
-        part = [r for r in rows if (r["order"], r["ipc"]) == (order, ipc)]
-        lines += ["", f"### {order} class order, IPC {ipc}", "", *settings_line(part),
+    groups = list(dict.fromkeys((r["order"], r["ipc"], r.get("arch", "convnet")) for r in rows))
+    for order, ipc, arch in groups:
+        part = [r for r in rows if (r["order"], r["ipc"], r.get("arch", "convnet")) == (order, ipc, arch)]
+        lines += ["", f"### {order} class order, IPC {ipc}, evaluated on {arch}", "", *settings_line(part),
                   "| IF | method | overall | many | medium | few | distil s |", "|---|---|---|---|---|---|---|"]
         for r in part:
             lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | {r['mean']:.2f} +- {r['std']:.2f} | "
@@ -321,7 +357,36 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
             lines += [f"| {r['imbalance_factor']:g} | {r['method']} | " + " | ".join(
                 f"{r['accuracy_at_steps'][k]:.2f}" if k in r["accuracy_at_steps"] else "-" for k in steps) + " |"
                 for r in curves]
-    return "\n".join(lines)
+    return "\n".join(lines + cross_arch_markdown(rows))
+
+
+def cross_arch_markdown(rows: list[dict]) -> list[str]:
+    """Method x evaluation network, per class order, IPC and IF, with csdm's paired margins on each network
+    (nothing when every row has one network)."""
+    archs = list(dict.fromkeys(r.get("arch", "convnet") for r in rows))
+    if len(archs) < 2:
+        return []
+    lines = ["", "### Cross-architecture: overall accuracy on each evaluation network (sets distilled once)"]
+    for order, ipc in dict.fromkeys((r["order"], r["ipc"]) for r in rows):
+        part = [r for r in rows if (r["order"], r["ipc"]) == (order, ipc)]
+        cell = {(r["imbalance_factor"], r["method"], r.get("arch", "convnet")): r for r in part}
+        methods = list(dict.fromkeys(r["method"] for r in part))
+        lines += ["", f"{order} class order, IPC {ipc}:", "", "| IF | method | " + " | ".join(archs) + " |",
+                  "|---|---" + "|---" * len(archs) + "|"]
+        ifs = list(dict.fromkeys(r["imbalance_factor"] for r in part))
+        for imb in ifs:
+            for m in methods:
+                lines.append(f"| {imb:g} | {m} | " + " | ".join(
+                    f"{cell[imb, m, a]['mean']:.2f} +- {cell[imb, m, a]['std']:.2f}" if (imb, m, a) in cell else "-"
+                    for a in archs) + " |")
+        if "csdm" in methods and len(methods) > 1:
+            lines += ["", "csdm minus each other method on each network (paired by seed):", ""]
+            for imb in ifs:
+                for a in archs:
+                    on_a = {(i, m): r for (i, m, x), r in cell.items() if x == a}
+                    if (imb, "csdm") in on_a:
+                        lines.append(f"- IF {imb:g}, {a}: {margin(on_a, imb, methods)}")
+    return lines
 
 
 def settings_line(part: list[dict]) -> list[str]:

@@ -254,7 +254,8 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
         if rt.is_main:
             out = path.parent / eval_record_name(ev)
             out.write_text(json.dumps({"distilled": str(path), "eval": vars(ev), "labels": ev.labels,
-                                       "temperature": temperature, "accuracy": acc}, indent=1))
+                                       "temperature": temperature, "accuracy": acc,
+                                       "eval_s": time.perf_counter() - t0}, indent=1))
             track = ev.labels + (" (online relabelling)" if relabel is not None else "")
             print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats, "
                   f"labels: {track}, {ev.arch}\n"

@@ -70,21 +70,43 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
         seeds = [{"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m - 5, "distill_s": 1.0,
                   "eval_s": 1.0, "at_steps": {"100": m - 2, "200": m}, "settings": SETTINGS}
                  for k, m in enumerate(means)]
-        return quality.cell_row(order, 10.0, 10, method, "hard", seeds)
+        return quality.cell_row(order, 10.0, 10, method, "hard", "convnet", seeds)
 
     rows = [cell("dm", [79.0, 79.5]), cell("ncfm", [80.0, 81.0]), cell("csdm", [80.5, 80.9])]
     assert rows[2]["seeds"] == [0, 1] and rows[2]["accuracy"] == [80.5, 80.9] and rows[2]["few"] == 75.7
     assert rows[2]["accuracy_at_steps"] == {"100": 78.7, "200": 80.7} and rows[2]["labels"] == "hard"
     args = type("Args", (), {"seeds": [0, 1], "labels": "hard", "split": "val"})
     table = quality.markdown(rows, args, "full", ["synthetic.factor=2"])
-    assert "### hardtail class order, IPC 10" in table and "hard labels, val split" in table
+    assert "### hardtail class order, IPC 10, evaluated on convnet" in table and "hard labels, val split" in table
+    assert "Cross-architecture" not in table  # one network: no cross-architecture table
     assert "| 10 | 79.25 +- 0.35 | 80.50 +- 0.71 | 80.70 +- 0.28 |" in table
     assert ("IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10); csdm - dm = +1.45 (per seed: +1.50, +1.40)"
             in table)
     assert "200 steps, factor 2, init mix" in table and "| 10 | csdm | 78.70 | 80.70 |" in table
     mixed = [dict(s, settings={**SETTINGS, "factor": 1}) if s["seed"] else s for s in rows[0]["per_seed"]]
     with pytest.raises(SystemExit, match="different settings"):
-        quality.cell_row("hardtail", 10.0, 10, "dm", "hard", mixed)
+        quality.cell_row("hardtail", 10.0, 10, "dm", "hard", "convnet", mixed)
+
+
+def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_network():
+    import quality
+
+    def cell(method, arch, means):
+        seeds = [{"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m, "distill_s": 1.0,
+                  "eval_s": 1.0, "at_steps": {}, "settings": {**SETTINGS, "eval": {**SETTINGS["eval"], "arch": arch}}}
+                 for k, m in enumerate(means)]
+        return quality.cell_row("natural", 100.0, 10, method, "soft", arch, seeds)
+
+    rows = [cell("dm", "convnet", [80.0, 81.0]), cell("dm", "vgg11", [70.0, 72.0]),
+            cell("csdm", "convnet", [82.0, 82.5]), cell("csdm", "vgg11", [71.0, 71.5])]
+    assert [r["arch"] for r in rows] == ["convnet", "vgg11"] * 2
+    args = type("Args", (), {"seeds": [0, 1], "labels": "soft", "split": "test"})
+    table = quality.markdown(rows, args, "full", [])
+    assert "### natural class order, IPC 10, evaluated on vgg11" in table and "evaluation dm protocol, vgg11" in table
+    assert "| IF | method | convnet | vgg11 |" in table
+    assert "| 100 | csdm | 82.25 +- 0.35 | 71.25 +- 0.35 |" in table
+    assert "- IF 100, convnet: csdm - dm = +1.75 (per seed: +2.00, +1.50)" in table
+    assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: +1.00, -0.50)" in table
 
 
 def test_quality_reuse_check_names_the_keys_that_differ():
@@ -129,13 +151,26 @@ def test_quality_soft_track_end_to_end(tmp_path):
     tiny = ["extractor.width=16", "extractor.depth=2", "method.kernel.num_freqs=32", "distill.real_per_class=8",
             "eval.epochs=1", "eval.repeats=1", "ipc=2", "dataset.n_max=null", "dataset.val_per_class=0",
             "teacher.width=16", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=32"]
-    report = quality.main(["--quick", "--labels", "soft", "--if", "10", "--ipc", "2", "--methods", "random", "csdm",
-                           "--steps", "2", "--raw-root", str(raw), "--data-root", str(tmp_path / "data"),
-                           "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--", *tiny])
+    argv = ["--quick", "--labels", "soft", "--if", "10", "--ipc", "2", "--methods", "random", "csdm", "--steps", "2",
+            "--archs", "convnet", "alexnet", "--raw-root", str(raw), "--data-root", str(tmp_path / "data"),
+            "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--", *tiny]
+    report = quality.main(argv)
     (cell, teacher), = report["teachers"].items()
     assert cell == "natural IF 10" and Path(teacher["path"]).is_file() and 0 <= teacher["accuracy"]["mean"] <= 100
-    assert [r["method"] for r in report["rows"]] == ["random", "csdm"] and report["labels"] == "soft"
-    for r in report["rows"]:
+    assert [(r["method"], r["arch"]) for r in report["rows"]] == [
+        ("random", "convnet"), ("random", "alexnet"), ("csdm", "convnet"), ("csdm", "alexnet")]
+    assert report["labels"] == "soft"
+    for r in report["rows"][1::2]:  # the alexnet rows: the set's own evaluation settings, on the soft track
+        run = tmp_path / "out" / "natural" / "if10" / "ipc2" / f"{r['method']}-soft" / "seed0"
+        rec = json.loads((run / "eval-dm-1ep-alexnet-soft.json").read_text())
+        assert rec["eval"]["arch"] == "alexnet" and rec["accuracy"]["labels"] == "soft" and rec["eval"]["repeats"] == 1
+        assert r["mean"] == rec["accuracy"]["mean"] and r["settings"]["eval"]["arch"] == "alexnet"
+    records = sorted((tmp_path / "out").rglob("eval-*-alexnet-soft.json"))
+    stamps = [p.stat().st_mtime_ns for p in records]
+    again = quality.main(["--reuse", *argv])  # every run and every alexnet record is reused, not made again
+    assert again["reused_runs"] == 2 and [p.stat().st_mtime_ns for p in records] == stamps
+    assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in report["rows"]]
+    for r in report["rows"][::2]:
         assert r["labels"] == "soft" and r["settings"]["labels"]["teacher"] == teacher["path"]
         run = tmp_path / "out" / "natural" / "if10" / "ipc2" / f"{r['method']}-soft" / "seed0"
         res = json.loads((run / "results.json").read_text())
