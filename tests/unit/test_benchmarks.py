@@ -28,6 +28,30 @@ def test_speed_measure_runs_one_tiny_step():
     assert r["peak_memory"]["step"]["host_peak_rss_mb"] > 0
 
 
+def test_common_distiller_for_each_real_source_and_its_timed_step(tmp_path):
+    """The worker pieces of scale.py, features.py and distributed.py: images or features, one timed step."""
+    from common import PHASES, distiller_for_source, timed_step
+
+    from csdm_dist.dist import close_distributed, init_distributed
+
+    base = ["dataset=fashion_mnist_lt", "device=cpu", "ipc=2", "extractor.depth=2", *TINY]
+    rt = init_distributed("cpu")
+    try:
+        for source in ("images", "features"):
+            (tmp_path / source).mkdir()
+            d = distiller_for_source(base, tmp_path / source, rt, source, counts=[12, 6, 4, 3, 2, 2, 2, 1, 1, 1])
+            assert d.real.counts.tolist() == [12, 6, 4, 3, 2, 2, 2, 1, 1, 1] and len(d.real.ids) == 34
+            assert (d.cfg.real_source == "features") == (source == "features")
+            assert (d.real.features is not None) == (source == "features")
+            assert (tmp_path / source / "pool.pt").is_file() == (source == "features")
+            d.timer.enabled = True
+            wall, phases, out = timed_step(d, 0)
+            assert wall > 0 and set(phases) == set(PHASES) and all(v >= 0 for v in phases.values())
+            assert sum(phases.values()) <= wall * 1.01 and phases["syn_backward"] > 0 and out["real_images"] > 0
+    finally:
+        close_distributed()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
 def test_speed_cuda_without_cuda_fails_loudly():
     with pytest.raises(SystemExit, match="CUDA is not available"):
