@@ -372,7 +372,7 @@ def rows_of(cells: list[dict], args) -> list[dict]:
                     if labels != {"hard"}:
                         raise SystemExit(f"{ds} IF {imb:g} IPC {ipc} {method}: its results are on label track(s) "
                                          f"{sorted(map(str, labels))}, not hard")
-                    row = cell_row(ds, imb, ipc, method, "hard",
+                    row = cell_row(ds, imb, ipc, method, "hard", results[0]["config"]["eval"]["arch"],
                                    [seed_result(c["seed"], r) for c, r in zip(part, results)])
                     row = {"dataset": row.pop("order"), "dataset_config": DATASETS[ds], **row,
                            "eval_depth": eval_depth(results[0]["config"]),
