@@ -149,10 +149,10 @@ def main(argv=None) -> dict:
                         res = json.loads((run_dir / "results.json").read_text())
                         own = res["config"]["eval"]["arch"]
                         for arch in args.archs or [own]:
-                            if arch != own:
-                                log = out / f"{order}-if{imb:g}-ipc{ipc}-{method}-s{seed}-eval-{arch}.log"
-                                res = arch_result(run_dir, arch, args.device, log, t_start, cell)
-                            seeds.setdefault(arch, []).append(seed_result(seed, res))
+                            log = out / f"{order}-if{imb:g}-ipc{ipc}-{method}-s{seed}-eval-{arch}.log"
+                            on_arch = res if arch == own else arch_result(run_dir, res, arch, args.device, log,
+                                                                          t_start, cell)
+                            seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
                     rows += [cell_row(order, imb, ipc, method, args.labels, arch, s) for arch, s in seeds.items()]
     table = markdown(rows, args, mode, extra) + teachers_markdown(teachers)
     report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
@@ -228,14 +228,13 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
     return steps, distil
 
 
-def arch_result(run_dir: Path, arch: str, device: str, log: Path, t_start: float, cell: str) -> dict:
-    """The run's results.json with its accuracy (and eval timing and settings) from the evaluation of its set on
-    `arch`: the record python -m csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with
+def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_start: float, cell: str) -> dict:
+    """The run's results.json `res` with its accuracy (and eval timing and settings) from the evaluation of its set
+    on `arch`: the record python -m csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with
     exactly the run's evaluation settings on `arch`."""
     from csdm_dist.config import EvalConfig
     from csdm_dist.evaluate import eval_record_name
 
-    res = json.loads((run_dir / "results.json").read_text())
     ev = EvalConfig(**{**res["config"]["eval"], "arch": arch})
     path = run_dir / eval_record_name(ev)
     want = {k: v for k, v in vars(ev).items() if k != "at_steps"}
@@ -330,9 +329,9 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
     lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
              f"{args.split} split; accuracy %, {spread}"
              + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]
-    groups = list(dict.fromkeys((r["order"], r["ipc"], r.get("arch", "convnet")) for r in rows))
+    groups = list(dict.fromkeys((r["order"], r["ipc"], r["arch"]) for r in rows))
     for order, ipc, arch in groups:
-        part = [r for r in rows if (r["order"], r["ipc"], r.get("arch", "convnet")) == (order, ipc, arch)]
+        part = [r for r in rows if (r["order"], r["ipc"], r["arch"]) == (order, ipc, arch)]
         lines += ["", f"### {order} class order, IPC {ipc}, evaluated on {arch}", "", *settings_line(part),
                   "| IF | method | overall | many | medium | few | distil s |", "|---|---|---|---|---|---|---|"]
         for r in part:
@@ -363,13 +362,13 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
 def cross_arch_markdown(rows: list[dict]) -> list[str]:
     """Method x evaluation network, per class order, IPC and IF, with csdm's paired margins on each network
     (nothing when every row has one network)."""
-    archs = list(dict.fromkeys(r.get("arch", "convnet") for r in rows))
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
     if len(archs) < 2:
         return []
     lines = ["", "### Cross-architecture: overall accuracy on each evaluation network (sets distilled once)"]
     for order, ipc in dict.fromkeys((r["order"], r["ipc"]) for r in rows):
         part = [r for r in rows if (r["order"], r["ipc"]) == (order, ipc)]
-        cell = {(r["imbalance_factor"], r["method"], r.get("arch", "convnet")): r for r in part}
+        cell = {(r["imbalance_factor"], r["method"], r["arch"]): r for r in part}
         methods = list(dict.fromkeys(r["method"] for r in part))
         lines += ["", f"{order} class order, IPC {ipc}:", "", "| IF | method | " + " | ".join(archs) + " |",
                   "|---|---" + "|---" * len(archs) + "|"]
