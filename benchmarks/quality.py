@@ -74,6 +74,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    help="label track; soft: every method's set gets soft labels from one teacher per class order and "
                         "IF (python -m csdm_dist.teacher with the teacher.* and dataset.* overrides after --)")
     p.add_argument("--teacher-seed", type=int, default=0, help="--labels soft: the teacher's seed")
+    p.add_argument("--against", type=Path, default=None,
+                   help="the results JSON of the other label track (e.g. --labels soft --against the hard table): "
+                        "each row's difference to the same cell there, paired by seed")
     p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists (config checked)")
     p.add_argument("--raw-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--data-root", default=str(ROOT / "data"))
@@ -154,12 +157,14 @@ def main(argv=None) -> dict:
                                                                           t_start, cell)
                             seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
                     rows += [cell_row(order, imb, ipc, method, args.labels, arch, s) for arch, s in seeds.items()]
-    table = markdown(rows, args, mode, extra) + teachers_markdown(teachers)
+    other = json.loads(args.against.read_text())["rows"] if args.against else []
+    table = markdown(rows, args, mode, extra) + track_differences(rows, other) + teachers_markdown(teachers)
     report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
               "protocol": "dm", "seeds": args.seeds, "extra_overrides": extra, "settings": settings,
               "date": datetime.date.today().isoformat(), "machine": machine_info(), "rows": rows,
               "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in the rows
-              "reused_runs": reused, **({"teachers": teachers} if teachers else {})}
+              "reused_runs": reused, **({"teachers": teachers} if teachers else {}),
+              **({"against": str(args.against)} if args.against else {})}
     print(table)
     for path in [out / "quality.json", args.results]:
         if path is not None:
@@ -386,6 +391,35 @@ def cross_arch_markdown(rows: list[dict]) -> list[str]:
                     if (imb, "csdm") in on_a:
                         lines.append(f"- IF {imb:g}, {a}: {margin(on_a, imb, methods)}")
     return lines
+
+
+def track_differences(rows: list[dict], other: list[dict]) -> str:
+    """Each row minus the row of the same cell and network in another label track, over the seeds both have
+    (same seed: same real data and the same images before the labels); sets each row's `versus`."""
+    def key(r):
+        return r["order"], r["imbalance_factor"], r["ipc"], r["method"], r["arch"]
+
+    index = {key(o): o for o in other}
+    lines = []
+    for r in rows:
+        o = index.get(key(r))
+        if o is None or o["labels"] == r["labels"]:
+            continue
+        theirs = dict(zip(o["seeds"], o["accuracy"]))
+        per_seed = {s: a - theirs[s] for s, a in zip(r["seeds"], r["accuracy"]) if s in theirs}
+        if not per_seed:
+            continue
+        differ = sorted(k for k in set(r["settings"]) | set(o["settings"])
+                        if k != "labels" and r["settings"].get(k) != o["settings"].get(k))
+        r["versus"] = {"labels": o["labels"], "mean": statistics.fmean(per_seed.values()), "per_seed": per_seed,
+                       "settings_differ": differ}
+        lines.append(f"- {r['order']} IF {r['imbalance_factor']:g} IPC {r['ipc']} {r['arch']}, {r['method']}: "
+                     f"{r['labels']} - {o['labels']} = {r['versus']['mean']:+.2f} (per seed: "
+                     + ", ".join(f"{s} {d:+.2f}" for s, d in per_seed.items()) + ")"
+                     + (f"; the settings also differ in {', '.join(differ)}" if differ else ""))
+    if not lines:
+        return ""
+    return "\n".join(["", "", "Against the other label track (paired by seed):", "", *lines])
 
 
 def settings_line(part: list[dict]) -> list[str]:

@@ -133,6 +133,26 @@ def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_ne
     assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: +1.00, -0.50)" in table
 
 
+def test_quality_against_another_label_track_pairs_by_seed_and_names_other_differences():
+    import quality
+
+    def cell(labels, means, seeds=(0, 1), **settings):
+        rows = [{"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m, "distill_s": 1.0, "eval_s": 1.0,
+                 "at_steps": {}, "settings": {**SETTINGS, "labels": {"kind": labels}, **settings}}
+                for k, m in zip(seeds, means)]
+        return quality.cell_row("natural", 100.0, 10, "csdm", labels, "convnet", rows)
+
+    hard = [cell("hard", [80.0, 81.0, 79.0], seeds=(0, 1, 2))]
+    soft = [cell("soft", [84.0, 83.5])]
+    text = quality.track_differences(soft, hard)
+    assert "natural IF 100 IPC 10 convnet, csdm: soft - hard = +3.25 (per seed: 0 +4.00, 1 +2.50)" in text
+    assert soft[0]["versus"] == {"labels": "hard", "mean": 3.25, "per_seed": {0: 4.0, 1: 2.5}, "settings_differ": []}
+    longer = [cell("soft", [84.0], seeds=(2,), iterations=1000)]
+    assert "soft - hard = +5.00 (per seed: 2 +5.00); the settings also differ in iterations" in (
+        quality.track_differences(longer, hard))
+    assert quality.track_differences(soft, soft) == "" and quality.track_differences(soft, []) == ""  # nothing to pair
+
+
 def test_quality_reuse_check_names_the_keys_that_differ():
     import quality
 
