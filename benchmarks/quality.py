@@ -178,11 +178,20 @@ TEACHER_KEYS = ("teacher.", "dataset.")  # the overrides after -- that shape a t
 
 
 def teacher_file(args, order: str, imb: float, extra: list[str]) -> Path:
-    """<data root>/teachers/quality-<order>-if<IF>-<tag>-s<seed>.pt; tag: a hash of the teacher.* and dataset.*
-    overrides, so other teacher settings never reuse this file."""
+    """<data root>/teachers/quality-<order>-if<IF>-<tag>-s<seed>.pt; tag: a hash of the teacher's settings (the
+    teacher.* config the overrides give, defaults included) and the dataset.* overrides, so a teacher made with
+    other settings, or with other defaults, is never taken for this one."""
     import hashlib
 
-    keys = " ".join(sorted(o for o in extra if o.startswith(TEACHER_KEYS)))
+    from hydra import compose, initialize_config_dir
+
+    from csdm_dist.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        teacher = asdict(to_config(compose(config_name="config", overrides=[
+            o for o in extra if o.startswith("teacher.")])).teacher)
+    keys = json.dumps(teacher, sort_keys=True) + " ".join(sorted(o for o in extra if o.startswith("dataset.")))
     tag = hashlib.sha256(keys.encode()).hexdigest()[:8]
     return Path(args.data_root) / "teachers" / f"quality-{order}-if{imb:g}-{tag}-s{args.teacher_seed}.pt"
 

@@ -363,6 +363,10 @@ class TeacherConfig:
     batch_size: int = 256  # the global batch, split over the ranks
     weight_decay: float = 5e-4
     augment: bool = True  # one differentiable augmentation op per batch (csdm_dist/augment.py)
+    # multi-formation factors the teacher learns to label: each batch is shown as a factor-f set decodes it
+    # (shrunk to an f x f tile and upsampled back, formation.as_decoded), f drawn uniformly from this list; 1: as it
+    # is. A teacher of sharp images alone mislabels decoded ones (docs/soft-labels.md); include synthetic.factor
+    tile_factors: list[int] = field(default_factory=lambda: [1, 2])
     bn_per_class: Optional[int] = None  # images per class in the balanced batch-norm pass; None: train size // C
 
     def __post_init__(self) -> None:
@@ -376,6 +380,9 @@ class TeacherConfig:
         _check(self.lr > 0, "teacher.lr", f"must be > 0, got {self.lr}")
         _check(self.batch_size >= 1, "teacher.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.weight_decay >= 0, "teacher.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.tile_factors) > 0 and all(isinstance(f, int) and f >= 1 for f in self.tile_factors),
+               "teacher.tile_factors", f"must be a non-empty list of factors >= 1 (1: sharp images), got "
+               f"{self.tile_factors}")
         _check(self.bn_per_class is None or self.bn_per_class >= 1, "teacher.bn_per_class",
                f"must be >= 1 or null, got {self.bn_per_class}")
 

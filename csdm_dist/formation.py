@@ -69,6 +69,14 @@ def downsample(images: Tensor, factor: int) -> Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def as_decoded(images: Tensor, factor: int) -> Tensor:
+    """[m, C, H, W] full images as a factor-f set shows them: shrunk to a tile and decoded (upsampled) back.
+    decode(encode(downsample(x))) of every image; what a teacher must label in a multi-formation set."""
+    if factor == 1:
+        return images
+    return F.interpolate(downsample(images, factor), size=images.shape[2:], mode="bilinear", align_corners=False)
+
+
 def encode(tiles: Tensor, factor: int, size: tuple[int, int]) -> Tensor:
     """[n * f^2, C, th, tw] tiles -> [n, C, H, W] stored images, tile k of image i from row i * f^2 + k.
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import rng
+from . import formation, rng
 from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config, ConfigError, register_configs, to_config
 from .data.normalization import resolve_normalization
@@ -57,18 +57,21 @@ TEACHER_FORMAT = 1
 # provenance fields: of the dataset build, and of the network and loss (each with the config key that sets it)
 DATA_FIELDS = ("dataset", "data_config_hash", "ids_hash", "counts", "channels", "image_size", "mean", "std")
 NET_KEYS = {"arch": "teacher.arch", "width": "teacher.width", "depth": "teacher.depth", "norm": "teacher.norm",
-            "loss": "teacher.loss", "tau": "teacher.tau"}
+            "loss": "teacher.loss", "tau": "teacher.tau", "tile_factors": "teacher.tile_factors"}
 LABEL_BATCH = 512  # images per teacher forward when labelling
 
 
 # ------------------------------------------------------------------------------------------------ paths, provenance
 
 def default_teacher_path(cfg: Config) -> Path:
-    """<dataset dir>/teachers/<arch[-w-d]>-<norm>-<loss>-e<epochs>-s<seed>.pt: one file per teacher setting."""
+    """<dataset dir>/teachers/<arch[-w-d]>-<norm>-<loss>-e<epochs>[-f<tile factors>]-s<seed>.pt: one file per
+    teacher setting (no -f part for sharp images alone)."""
     t = cfg.teacher
     net = f"{t.arch}-w{t.width}-d{t.depth_at(cfg.dataset.image_size)}" if t.arch == "convnet" else t.arch
     loss = f"la{t.tau:g}" if t.loss == "logit_adjusted" else {"balanced_softmax": "bs", "ce": "ce"}[t.loss]
-    return dataset_dir(cfg.dataset) / "teachers" / f"{net}-{t.norm}-{loss}-e{t.epochs}-s{cfg.seed}.pt"
+    factors = tile_factors(t)
+    tiles = "" if factors == [1] else "-f" + "".join(map(str, factors))
+    return dataset_dir(cfg.dataset) / "teachers" / f"{net}-{t.norm}-{loss}-e{t.epochs}{tiles}-s{cfg.seed}.pt"
 
 
 def teacher_path(cfg: Config) -> Path:
@@ -90,7 +93,12 @@ def teacher_provenance(cfg: Config, manifest: dict) -> dict:
             "channels": d.channels, "image_size": d.image_size, "mean": [float(v) for v in d.mean],
             "std": [float(v) for v in d.std], "arch": t.arch, "width": t.width if convnet else None,
             "depth": t.depth_at(d.image_size) if convnet else None, "norm": t.norm, "loss": t.loss,
-            "tau": training_tau(t.loss, t.tau)}
+            "tau": training_tau(t.loss, t.tau), "tile_factors": tile_factors(t)}
+
+
+def tile_factors(t) -> list[int]:
+    """teacher.tile_factors as a set: sorted, each once."""
+    return sorted(set(t.tile_factors))
 
 
 def check_teacher(path: Path, recorded: dict, want: dict) -> None:
@@ -228,6 +236,7 @@ def fit(cfg: Config, images: Tensor, labels: Tensor, ids: Tensor, counts: list[i
         raise ConfigError(f"invalid config `teacher.batch_size`: {n} training images give no batch of at least "
                           f"2 per rank over {world} ranks; lower the world size or raise teacher.batch_size")
     total = t.epochs * len(starts)
+    factors = tile_factors(t)
     bar = tqdm(total=total, desc=f"teacher {t.arch} ({t.loss})", unit="batch", dynamic_ncols=True,
                disable=rt.rank != 0)  # progress inside each epoch: one epoch of a large set takes minutes on a CPU
     step = 0
@@ -240,6 +249,8 @@ def fit(cfg: Config, images: Tensor, labels: Tensor, ids: Tensor, counts: list[i
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(t.lr, step, total)
             x = norm(images[mine.to(images.device)])
+            f = factors[0] if len(factors) == 1 else factors[int(torch.randint(len(factors), (1,), generator=g))]
+            x = formation.as_decoded(x, f)  # the same factor on every rank
             if t.augment:
                 op = pick_op(g)  # the same op on every rank; per-sample parameters keyed by the sample id
                 x = augment(x, op, rng.sample_uniforms(ids[mine], cfg.seed, step, rng.TEACHER_AUG, NUM_UNIFORMS))
@@ -283,6 +294,12 @@ def train_teacher(cfg: Config, rt: Runtime) -> Path:
         acc = summarise(per[None], per[None], counts)
         for k in ("std", "best_mean", "repeats"):  # one network, tested once
             acc.pop(k)
+        decoded = {}  # the test set as a factor-f set would show it: what the teacher labels there
+        for f in [f for f in tile_factors(cfg.teacher) if f > 1]:
+            per_f = test_accuracy(net, test.images, test.labels, lambda x, f=f: formation.as_decoded(norm(x), f), c,
+                                  1000, rt.device).cpu()
+            decoded[str(f)] = {k: summarise(per_f[None], per_f[None], counts)[k]
+                               for k in ("mean", "many", "medium", "few")}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             log.info("replacing the teacher at %s", path)
@@ -293,7 +310,7 @@ def train_teacher(cfg: Config, rt: Runtime) -> Path:
         tmp.replace(path)
         record = {"teacher": str(path), "sha256": file_sha256(path), "provenance": prov,
                   "teacher_config": asdict(cfg.teacher), "seed": cfg.seed, "world_size": rt.world_size,
-                  "split": "test", "accuracy": acc, "bn_pass": {"per_class": per_class, "batches": bn_batches},
+                  "split": "test", "accuracy": acc, "accuracy_decoded": decoded, "bn_pass": {"per_class": per_class, "batches": bn_batches},
                   "timing": {"train_s": t1 - t0, "bn_s": t2 - t1, "test_s": time.perf_counter() - t2},
                   "git_commit": git_commit(), "hardware": hardware(rt.device)}
         results_path(path).write_text(json.dumps(record, indent=1))

@@ -100,6 +100,16 @@ def test_mix_shrinks_each_image_into_its_tile():
     assert torch.equal(stored, hand_made_grid(small, f, size, fill=0.0))
 
 
+@pytest.mark.parametrize("size,factor", [(28, 2), (28, 3), (32, 2)])
+def test_as_decoded_is_what_a_set_shows_of_a_real_image(size, factor):
+    full = torch.rand(2 * factor**2, 1, size, size, generator=gen(6))
+    through_a_set = formation.decode(formation.encode(formation.downsample(full, factor), factor, (size, size)), factor)
+    assert torch.allclose(formation.as_decoded(full, factor), through_a_set, atol=1e-6)
+    assert torch.equal(formation.as_decoded(full, 1), full)
+    flat = torch.full((1, 1, size, size), 0.3)  # a constant image survives the round trip
+    assert torch.allclose(formation.as_decoded(flat, factor), flat, atol=1e-6)
+
+
 def test_tile_size_bounds_name_the_key():
     assert formation.tile_size(28, 7) == 4 and formation.tile_size(28, 3) == 9
     with pytest.raises(ConfigError, match=r"synthetic\.factor.*3 px tiles"):

@@ -120,6 +120,8 @@ def test_unknown_eval_arch_names_the_key_and_the_choices():
                                           ("labels.prior_adjust=-1", "labels.prior_adjust"),
                                           ("labels.temperature=0", "labels.temperature"),
                                           ("teacher.loss=focal", "teacher.loss"),
+                                          ("teacher.tile_factors=[]", "teacher.tile_factors"),
+                                          ("teacher.tile_factors=[2,0]", "teacher.tile_factors"),
                                           ("labels.kind=fuzzy", "labels.kind"),
                                           ("eval.labels=soft", "eval.labels"),  # labels.kind=hard stores none
                                           ("eval.relabel=online", "eval.relabel")])  # a hard track
@@ -146,14 +148,18 @@ def test_hard_runs_keep_their_hash_and_soft_runs_hash_the_teacher():
 def test_default_teacher_path_names_its_settings():
     cfg = to_config(compose_cfg(["teacher.loss=balanced_softmax", "teacher.arch=vgg11", "seed=3"]))
     path = default_teacher_path(cfg)
-    assert path.parent.name == "teachers" and path.name == "vgg11-batchnorm-bs-e30-s3.pt"
-    assert default_teacher_path(to_config(compose_cfg([]))).name == "convnet-w128-d3-batchnorm-la1-e30-s0.pt"
+    assert path.parent.name == "teachers" and path.name == "vgg11-batchnorm-bs-e30-f12-s3.pt"
+    assert default_teacher_path(to_config(compose_cfg([]))).name == "convnet-w128-d3-batchnorm-la1-e30-f12-s0.pt"
+    sharp = to_config(compose_cfg(["teacher.tile_factors=[1]"]))
+    assert default_teacher_path(sharp).name == "convnet-w128-d3-batchnorm-la1-e30-s0.pt"
+    assert default_teacher_path(to_config(compose_cfg(["teacher.tile_factors=[3,1,2,1]"]))).name == \
+        "convnet-w128-d3-batchnorm-la1-e30-f123-s0.pt"
 
 
 def _provenance(**changes):
     p = {"dataset": "fake", "data_config_hash": "abc", "ids_hash": "def", "counts": [3, 1], "channels": 1,
          "image_size": 28, "mean": [0.5], "std": [0.25], "arch": "convnet", "width": 16, "depth": 2,
-         "norm": "batchnorm", "loss": "logit_adjusted", "tau": 1.0}
+         "norm": "batchnorm", "loss": "logit_adjusted", "tau": 1.0, "tile_factors": [1, 2]}
     p.update(changes)
     return p
 
@@ -169,3 +175,6 @@ def test_teacher_of_another_build_or_network_is_refused_naming_the_key():
         check_teacher("t.pt", _provenance(arch="resnet18", width=None, depth=None), _provenance())
     with pytest.raises(ConfigError, match=r"`teacher\.loss`, `teacher\.tau`"):
         check_teacher("t.pt", _provenance(loss="ce", tau=0.0), _provenance())
+    old = {k: v for k, v in _provenance().items() if k != "tile_factors"}  # a teacher from before tile_factors
+    with pytest.raises(ConfigError, match=r"`teacher\.tile_factors`.*tile_factors=None.*tile_factors=\[1, 2\]"):
+        check_teacher("t.pt", old, _provenance())
