@@ -307,7 +307,9 @@ def settings_of(cfg: dict, precision: str | None) -> dict:
             "lr_schedule": d["lr_schedule"], "real_per_class": d["real_per_class"],
             "extractor": cfg["extractor"]["mode"], "precision": precision, "kernel": m["kernel"],
             "labels": {"kind": cfg["labels"]["kind"], "temperature": cfg["labels"]["temperature"],
-                       "prior_adjust": cfg["labels"]["prior_adjust"], "teacher": cfg["labels"]["teacher"]},
+                       "prior_adjust": cfg["labels"]["prior_adjust"], "teacher": cfg["labels"]["teacher"],
+                       # the soft track's class-term weight; runs from before the key trained on KD alone (0)
+                       "relabel": e["relabel"], "hard_weight": e.get("hard_weight", 0.0)},
             "weighting": m["weighting"],
             "eval": {"protocol": e["protocol"], "epochs": e["epochs"], "repeats": e["repeats"], "split": e["split"],
                      "arch": e["arch"]},

@@ -306,9 +306,17 @@ class EvalConfig:
     # soft track: `none` trains on the stored soft labels; `online`: the teacher labels every augmented batch
     # afresh (SRe2L's relabelling; needs the teacher file, labels.teacher)
     relabel: str = "none"
+    # soft track: w in [0, 1], the loss (1 - w) * KD + w * cross-entropy on each image's class (Hinton et al.'s mix;
+    # CutMix mixes both targets alike); 0: KD alone. Teacher labels of distilled images are often far from their
+    # class (docs/soft-labels.md), and the class term keeps it
+    hard_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("dm", "ncfm"), "eval.protocol", f"{self.protocol!r} is not `dm` or `ncfm`")
+        _check(0.0 <= self.hard_weight <= 1.0, "eval.hard_weight",
+               f"is the class term's weight in the soft track's loss and must be in [0, 1], got {self.hard_weight}")
+        _check(self.hard_weight == 0.0 or self.labels != "hard", "eval.hard_weight",
+               "weighs the class term against the teacher's soft labels; set eval.labels=soft too, or leave it 0")
         _check(self.labels is None or self.labels in LABEL_KINDS, "eval.labels",
                f"{self.labels!r} is not one of {LABEL_KINDS}")
         _check(self.relabel in RELABEL_MODES, "eval.relabel", f"{self.relabel!r} is not one of {RELABEL_MODES}")
@@ -466,6 +474,8 @@ class Config:
                "labels per batch), or eval.labels=hard")
         _check(self.eval.relabel == "none" or self.eval.labels == "soft", "eval.relabel",
                "online relabelling trains on teacher labels, a soft-label track; set eval.labels=soft too")
+        _check(self.eval.hard_weight == 0.0 or self.eval.labels == "soft", "eval.hard_weight",
+               "weighs the class term against the teacher's soft labels; set eval.labels=soft too, or leave it 0")
         if self.out_dir is None:
             self.out_dir = default_out_dir(self)
 

@@ -107,6 +107,7 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
     images, labels = images.to(device), labels.to(device)
     probs = None if soft is None else soft_targets(soft.to(device), temperature)
+    soft_track = probs is not None or relabel is not None
     test_at = {round(cfg.epochs * (k + 1) / cfg.test_points) for k in range(cfg.test_points)}
     best = last = None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, dynamic_ncols=True):
@@ -114,7 +115,11 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
         for i in range(0, len(labels), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             x, y = images[idx], labels[idx]
-            target = y if probs is None else probs[idx]  # class labels, or soft-label probabilities
+            if soft_track:  # [soft-label probabilities | one-hot class], mixed alike by CutMix
+                onehot = F.one_hot(y, num_classes).float()
+                target = torch.cat([onehot if probs is None else probs[idx], onehot], 1)
+            else:
+                target = y  # class labels
             if cfg.augment:
                 op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
                 x = augment(x, op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
@@ -123,10 +128,14 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
             if mixed:  # CutMix: targets (labels or soft probabilities) mixed with the pixels' lambda
                 x, ya, yb, lam = _cutmix(x, target, g)
             logits = net(x)
-            if relabel is not None:  # the teacher labels the (mixed) batch as the student sees it
-                loss = kd_loss(logits, soft_targets(relabel(x), temperature), temperature)
-            elif probs is not None:
-                loss = kd_loss(logits, lam * ya + (1 - lam) * yb if mixed else target, temperature)
+            if soft_track:
+                t = lam * ya + (1 - lam) * yb if mixed else target
+                if relabel is not None:  # the teacher labels the (mixed) batch as the student sees it
+                    loss = kd_loss(logits, soft_targets(relabel(x), temperature), temperature)
+                else:
+                    loss = kd_loss(logits, t[:, :num_classes], temperature)
+                if cfg.hard_weight > 0:
+                    loss = (1 - cfg.hard_weight) * loss + cfg.hard_weight * F.cross_entropy(logits, t[:, num_classes:])
             elif mixed:
                 loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
             else:
@@ -168,6 +177,7 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
     out = summarise(acc[0].cpu(), acc[1].cpu(), counts)
     out["train_images"] = len(labels)  # what the networks trained on (the decoded count under multi-formation)
     out["labels"], out["relabel"], out["arch"] = track, cfg.relabel, cfg.arch  # the track and network, reported apart
+    out["hard_weight"] = cfg.hard_weight if track == "soft" else None
     return out
 
 
@@ -206,9 +216,10 @@ def stored_soft_labels(blob: dict, path: Path, n_decoded: int, num_classes: int)
 
 
 def eval_record_name(ev: EvalConfig) -> str:
-    """eval-<protocol>-<epochs>ep[-<arch>][-soft[-online]].json: one file per protocol, network and label track."""
+    """eval-<protocol>-<epochs>ep[-<arch>][-soft[-online][-hw<w>]].json: one file per protocol, network and label
+    track (with its class-term weight)."""
     tail = ("" if ev.arch == "convnet" else f"-{ev.arch}") + ("-soft" if ev.labels == "soft" else "") + \
-        ("-online" if ev.relabel == "online" else "")
+        ("-online" if ev.relabel == "online" else "") + (f"-hw{ev.hard_weight:g}" if ev.hard_weight else "")
     return f"eval-{ev.protocol}-{ev.epochs}ep{tail}.json"
 
 

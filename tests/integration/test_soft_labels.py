@@ -123,6 +123,15 @@ def test_one_hot_soft_labels_train_like_hard_labels(data_overrides, protocol):
                           soft=F.one_hot(labels, 10).float() * 1e3, temperature=1.0)
     torch.testing.assert_close(soft[0], hard[0])
     torch.testing.assert_close(soft[1], hard[1])
+    noise = torch.randn(40, 10, generator=torch.Generator().manual_seed(1)) * 5  # labels far from the class
+    hw = dict(labels="soft", **ev)
+    only_class = train_and_test(images, labels, *common, EvalConfig(hard_weight=1.0, **hw), *args, soft=noise,
+                                temperature=4.0)  # the class term alone: the soft labels do not count
+    torch.testing.assert_close(only_class[0], hard[0])
+    half = train_and_test(images, labels, *common, EvalConfig(hard_weight=0.5, **hw), *args, soft=noise,
+                          temperature=4.0)
+    kd = train_and_test(images, labels, *common, EvalConfig(**hw), *args, soft=noise, temperature=4.0)
+    assert not torch.equal(half[0], kd[0]) or not torch.equal(half[0], hard[0])  # the mix is neither end
 
 
 def test_teacher_of_another_architecture_or_build_is_refused_before_the_run(data_overrides, teacher_file, tmp_path):

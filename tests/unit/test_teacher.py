@@ -124,7 +124,9 @@ def test_unknown_eval_arch_names_the_key_and_the_choices():
                                           ("teacher.tile_factors=[2,0]", "teacher.tile_factors"),
                                           ("labels.kind=fuzzy", "labels.kind"),
                                           ("eval.labels=soft", "eval.labels"),  # labels.kind=hard stores none
-                                          ("eval.relabel=online", "eval.relabel")])  # a hard track
+                                          ("eval.relabel=online", "eval.relabel"),  # a hard track
+                                          ("eval.hard_weight=0.5", "eval.hard_weight"),  # a hard track
+                                          ("eval.hard_weight=1.5", "eval.hard_weight")])
 def test_bad_soft_label_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         to_config(compose_cfg([override]))
@@ -178,3 +180,14 @@ def test_teacher_of_another_build_or_network_is_refused_naming_the_key():
     old = {k: v for k, v in _provenance().items() if k != "tile_factors"}  # a teacher from before tile_factors
     with pytest.raises(ConfigError, match=r"`teacher\.tile_factors`.*tile_factors=None.*tile_factors=\[1, 2\]"):
         check_teacher("t.pt", old, _provenance())
+
+
+def test_evaluation_record_names_the_track_and_its_class_weight():
+    from csdm_dist.config import EvalConfig
+    from csdm_dist.evaluate import eval_record_name
+
+    assert eval_record_name(EvalConfig(labels="hard")) == "eval-dm-300ep.json"
+    assert eval_record_name(EvalConfig(labels="soft", arch="vgg11")) == "eval-dm-300ep-vgg11-soft.json"
+    assert eval_record_name(EvalConfig(labels="soft", relabel="online", hard_weight=0.5, epochs=30)) == \
+        "eval-dm-30ep-soft-online-hw0.5.json"
+
