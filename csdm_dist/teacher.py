@@ -109,6 +109,7 @@ def check_teacher(path: Path, recorded: dict, want: dict) -> None:
         raise ConfigError(f"invalid config `labels.teacher`: the teacher {path} was trained on another dataset build "
                           f"({diff}); train one on this dataset with `python -m csdm_dist.teacher` and the same "
                           "dataset overrides, or point labels.teacher at a teacher of this build")
+    recorded = {"tile_factors": [1], **recorded}  # files from before the key were trained on sharp images alone
     net = [k for k in NET_KEYS if recorded.get(k) != want[k]]
     if net:
         keys = ", ".join(f"`{NET_KEYS[k]}`" for k in net)
