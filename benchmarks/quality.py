@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common import CONFIGS, machine_info, write_report
+from common import CONFIGS, compose, machine_info, write_report
 
 from csdm_dist.config import ARCHS
 
@@ -183,14 +183,7 @@ def teacher_file(args, order: str, imb: float, extra: list[str]) -> Path:
     other settings, or with other defaults, is never taken for this one."""
     import hashlib
 
-    from hydra import compose, initialize_config_dir
-
-    from csdm_dist.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        teacher = asdict(to_config(compose(config_name="config", overrides=[
-            o for o in extra if o.startswith("teacher.")])).teacher)
+    teacher = asdict(compose([o for o in extra if o.startswith("teacher.")]).teacher)
     keys = json.dumps(teacher, sort_keys=True) + " ".join(sorted(o for o in extra if o.startswith("dataset.")))
     tag = hashlib.sha256(keys.encode()).hexdigest()[:8]
     return Path(args.data_root) / "teachers" / f"quality-{order}-if{imb:g}-{tag}-s{args.teacher_seed}.pt"
