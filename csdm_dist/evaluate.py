@@ -216,10 +216,12 @@ def stored_soft_labels(blob: dict, path: Path, n_decoded: int, num_classes: int)
 
 
 def eval_record_name(ev: EvalConfig) -> str:
-    """eval-<protocol>-<epochs>ep[-<arch>][-soft[-online][-hw<w>]].json: one file per protocol, network and label
-    track (with its class-term weight)."""
-    tail = ("" if ev.arch == "convnet" else f"-{ev.arch}") + ("-soft" if ev.labels == "soft" else "") + \
-        ("-online" if ev.relabel == "online" else "") + (f"-hw{ev.hard_weight:g}" if ev.hard_weight else "")
+    """eval-<protocol>-<epochs>ep[-<split>][-<arch>][-soft[-online][-hw<w>]].json: one file per protocol, split
+    (named unless test), network and label track (with its class-term weight), so that no evaluation overwrites
+    another's record."""
+    tail = ("" if ev.split == "test" else f"-{ev.split}") + ("" if ev.arch == "convnet" else f"-{ev.arch}") + \
+        ("-soft" if ev.labels == "soft" else "") + ("-online" if ev.relabel == "online" else "") + \
+        (f"-hw{ev.hard_weight:g}" if ev.hard_weight else "")
     return f"eval-{ev.protocol}-{ev.epochs}ep{tail}.json"
 
 

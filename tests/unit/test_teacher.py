@@ -191,4 +191,6 @@ def test_evaluation_record_names_the_track_and_its_class_weight():
     assert eval_record_name(EvalConfig(labels="soft", arch="vgg11")) == "eval-dm-300ep-vgg11-soft.json"
     assert eval_record_name(EvalConfig(labels="soft", relabel="online", hard_weight=0.5, epochs=30)) == \
         "eval-dm-30ep-soft-online-hw0.5.json"
+    # a val evaluation never overwrites the test record of the same protocol, network and track
+    assert eval_record_name(EvalConfig(labels="soft", arch="vgg11", split="val")) == "eval-dm-300ep-val-vgg11-soft.json"
 
