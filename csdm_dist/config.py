@@ -315,13 +315,10 @@ class EvalConfig:
         _check(self.protocol in ("dm", "ncfm"), "eval.protocol", f"{self.protocol!r} is not `dm` or `ncfm`")
         _check(0.0 <= self.hard_weight <= 1.0, "eval.hard_weight",
                f"is the class term's weight in the soft track's loss and must be in [0, 1], got {self.hard_weight}")
-        _check(self.hard_weight == 0.0 or self.labels != "hard", "eval.hard_weight",
-               "weighs the class term against the teacher's soft labels; set eval.labels=soft too, or leave it 0")
         _check(self.labels is None or self.labels in LABEL_KINDS, "eval.labels",
                f"{self.labels!r} is not one of {LABEL_KINDS}")
         _check(self.relabel in RELABEL_MODES, "eval.relabel", f"{self.relabel!r} is not one of {RELABEL_MODES}")
-        _check(self.relabel == "none" or self.labels != "hard", "eval.relabel",
-               "online relabelling trains on teacher labels, a soft-label track; set eval.labels=soft too")
+        self.check_track()
         s = [int(x) for x in self.at_steps]
         _check(all(x >= 1 for x in s) and all(a < b for a, b in zip(s, s[1:])), "eval.at_steps",
                f"must be strictly increasing steps >= 1, got {s}")
@@ -331,6 +328,14 @@ class EvalConfig:
         _check(self.arch in ARCHS, "eval.arch", f"{self.arch!r} is not one of {ARCHS}; pass eval.arch=<one of them>")
         _check(self.split in ("test", "val"), "eval.split", f"{self.split!r} is not `test` or `val` (the balanced "
                "validation split of dataset.val_per_class)")
+
+    def check_track(self) -> None:
+        """The soft track's keys need the soft track (labels None: not resolved yet; Config resolves it, then
+        calls this again)."""
+        _check(self.relabel == "none" or self.labels != "hard", "eval.relabel",
+               "online relabelling trains on teacher labels, a soft-label track; set eval.labels=soft too")
+        _check(self.hard_weight == 0.0 or self.labels != "hard", "eval.hard_weight",
+               "weighs the class term against the teacher's soft labels; set eval.labels=soft too, or leave it 0")
 
 
 @dataclass
@@ -473,10 +478,7 @@ class Config:
                "eval.labels", "soft trains on the set's soft labels, but labels.kind=hard stores none; set "
                "labels.kind=soft (needs a teacher: python -m csdm_dist.teacher), eval.relabel=online (fresh teacher "
                "labels per batch), or eval.labels=hard")
-        _check(self.eval.relabel == "none" or self.eval.labels == "soft", "eval.relabel",
-               "online relabelling trains on teacher labels, a soft-label track; set eval.labels=soft too")
-        _check(self.eval.hard_weight == 0.0 or self.eval.labels == "soft", "eval.hard_weight",
-               "weighs the class term against the teacher's soft labels; set eval.labels=soft too, or leave it 0")
+        self.eval.check_track()
         if self.out_dir is None:
             self.out_dir = default_out_dir(self)
 

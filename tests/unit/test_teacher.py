@@ -132,6 +132,14 @@ def test_bad_soft_label_settings_name_the_key(override, key):
         to_config(compose_cfg([override]))
 
 
+def test_evaluate_cli_checks_the_track_when_it_is_given():
+    with pytest.raises(ConfigError, match=r"eval\.hard_weight"):
+        EvalConfig(labels="hard", hard_weight=0.5)
+    with pytest.raises(ConfigError, match=r"eval\.relabel"):
+        EvalConfig(labels="hard", relabel="online")
+    assert EvalConfig(hard_weight=0.5, relabel="online").labels is None  # the set's own track, resolved later
+
+
 def test_soft_track_settings_that_fit():
     cfg = to_config(compose_cfg(["labels.kind=soft"]))
     assert cfg.eval.labels == "soft"  # eval.labels=null follows labels.kind
