@@ -36,7 +36,7 @@ data: install fmnist
 	fi
 
 # make run is a quick demonstration of the defaults: a shorter budget and one evaluation network (DEMO); the
-# defaults themselves (500 steps, 2 evaluation networks) are `$(PY) -m csdm_dist.distill`, or make run DEMO=
+# defaults themselves (1000 steps, 2 evaluation networks) are `$(PY) -m csdm_dist.distill`, or make run DEMO=
 run: data
 	@echo "make run: a quick demonstration ($(DEMO)); drop these for the defaults: make run DEMO="
 	$(PY) -m csdm_dist.distill $(DEMO) $(ARGS)

@@ -12,7 +12,7 @@ The grid: datasets (`--datasets`, CIFAR-10-LT; CIFAR-100-LT too with `cifar100`)
 ConvNet (eval.arch=convnet at the project's depth for 32 px, 3), the `--protocol` (dm: SGD, step decay, DSA),
 `--eval-epochs` (1000) x `--repeats` (5) fresh networks, the balanced test split, hard labels, no random-real
 baseline inside a run (`random` is its own method). The distillation budget is `--steps`; by default the config's
-distill.iterations (500 since the validation ablations of 2026-12-01). Extra arguments after `--` are Hydra
+distill.iterations (1000 since the validation ablations of 2026-12-02). Extra arguments after `--` are Hydra
 overrides for every run (e.g. `-- synthetic.factor=2 distill.init=mix`): `dataset.*` ones go to the builds too,
 `cluster.*` ones only to `--launcher submit`. Keys this script sets from its flags are refused there.
 
@@ -148,7 +148,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds; a cell averages them")
     p.add_argument("--steps", type=int, default=None,
-                   help="distillation steps (default: the config's distill.iterations, 500)")
+                   help="distillation steps (default: the config's distill.iterations, 1000)")
     p.add_argument("--eval-epochs", type=int, default=1000, help="epochs of each evaluation network")
     p.add_argument("--repeats", type=int, default=5, help="evaluation networks per run")
     p.add_argument("--protocol", choices=("dm", "ncfm"), default="dm", help="evaluation protocol (eval.protocol)")
