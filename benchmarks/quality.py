@@ -41,14 +41,14 @@ from pathlib import Path
 
 from common import CONFIGS, compose, machine_info, write_report
 
-from csdm_dist.config import ARCHS
+from csdm_dist.config import ARCHS, DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("random", "dm", "ncfm", "csdm", "csdm-features")
 ORDERS = {"natural": "fashion_mnist_lt", "hardtail": "fashion_mnist_lt_hardtail"}
 MODES = {  # distill iterations, eval epochs, eval repeats
     "quick": {"distill.iterations": 60, "eval.epochs": 100, "eval.repeats": 1},
-    "full": {"distill.iterations": 1000, "eval.epochs": 300, "eval.repeats": 3},  # the default budget
+    "full": {"distill.iterations": DistillConfig().iterations, "eval.epochs": 300, "eval.repeats": 3},  # the default
 }
 POOL = {"quick": ["extractor.pool_size=1", "extractor.pool_epochs=2"],  # csdm-features: the fixed pool
         "full": ["extractor.pool_size=4", "extractor.pool_epochs=5"]}
