@@ -68,7 +68,7 @@ def test_evaluate_entry_on_a_distilled_file(data_overrides, tmp_path):
     distil(data_overrides + TINY + ["distill.iterations=1", "evaluate=false", f"out_dir={tmp_path}"])
     acc = evaluate_file(tmp_path / "distilled.pt", {"protocol": "ncfm", "epochs": 2, "repeats": 2}, "cpu")
     assert acc["repeats"] == 2 and len(acc["per_class"]) == 10
-    assert (tmp_path / "eval-ncfm-2ep.json").is_file()
+    assert (tmp_path / "eval-ncfm-2ep-x2.json").is_file()
 
 
 def test_pool_extractor_pretrain_then_distil(data_overrides, tmp_path):

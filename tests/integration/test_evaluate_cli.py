@@ -23,7 +23,7 @@ def test_eval_keys_override_without_plus_and_typos_are_refused(data_overrides, t
     proc = evaluate(f"distilled={path}", "eval.protocol=ncfm", "eval.repeats=1", "eval.epochs=1", "device=cpu")
     assert proc.returncode == 0, proc.stderr
     assert "ncfm protocol, 1 epochs x 1 repeats" in proc.stdout and "on the test split in" in proc.stdout
-    written = json.loads((tmp_path / "eval-ncfm-1ep.json").read_text())
+    written = json.loads((tmp_path / "eval-ncfm-1ep-x1.json").read_text())
     assert written["eval"]["protocol"] == "ncfm" and written["eval"]["epochs"] == 1
     assert written["eval"]["batch_size"] == 256  # keys not given keep the set's own values
 

@@ -87,11 +87,11 @@ def test_soft_set_evaluates_on_every_track_and_architecture(soft_run):
     path = out / "distilled.pt"
     acc = evaluate_file(path, {"labels": "soft", "protocol": "dm", "epochs": 1, "repeats": 1, "arch": "vgg11"}, "cpu")
     assert acc["labels"] == "soft" and acc["arch"] == "vgg11" and len(acc["per_class"]) == 10
-    assert (out / "eval-dm-1ep-vgg11-soft.json").is_file()
+    assert (out / "eval-dm-1ep-x1-vgg11-soft.json").is_file()
     online = evaluate_file(path, {"relabel": "online", "epochs": 1, "repeats": 1}, "cpu")  # teacher from the config
     assert online["relabel"] == "online" and online["labels"] == "soft"
     hard = evaluate_file(path, {"labels": "hard", "epochs": 1, "repeats": 1}, "cpu")
-    assert hard["labels"] == "hard" and hard["arch"] == "convnet" and (out / "eval-ncfm-1ep.json").is_file()
+    assert hard["labels"] == "hard" and hard["arch"] == "convnet" and (out / "eval-ncfm-1ep-x1.json").is_file()
 
 
 def test_evaluate_cli_on_soft_labels_and_a_set_without_them(soft_run, data_overrides, tmp_path):
@@ -100,7 +100,7 @@ def test_evaluate_cli_on_soft_labels_and_a_set_without_them(soft_run, data_overr
                          "eval.labels=soft", "eval.arch=alexnet", "eval.epochs=1", "eval.repeats=1", "device=cpu"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert "labels: soft, alexnet" in ok.stdout and (out / "eval-ncfm-1ep-alexnet-soft.json").is_file()
+    assert "labels: soft, alexnet" in ok.stdout and (out / "eval-ncfm-1ep-x1-alexnet-soft.json").is_file()
     distil(data_overrides + TINY + ["distill.iterations=1", "evaluate=false", f"out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"`eval\.labels`.*has none.*eval\.labels=hard.*labels\.kind=soft"):
         evaluate_file(tmp_path / "distilled.pt", {"labels": "soft"}, "cpu")  # what the CLI prints, exit code 2

@@ -206,7 +206,7 @@ def test_quality_soft_track_end_to_end(tmp_path):
     assert report["labels"] == "soft"
     for r in report["rows"][1::2]:  # the alexnet rows: the set's own evaluation settings, on the soft track
         run = tmp_path / "out" / "natural" / "if10" / "ipc2" / f"{r['method']}-soft" / "seed0"
-        rec = json.loads((run / "eval-dm-1ep-alexnet-soft.json").read_text())
+        rec = json.loads((run / "eval-dm-1ep-x1-alexnet-soft.json").read_text())
         assert rec["eval"]["arch"] == "alexnet" and rec["accuracy"]["labels"] == "soft" and rec["eval"]["repeats"] == 1
         assert r["mean"] == rec["accuracy"]["mean"] and r["settings"]["eval"]["arch"] == "alexnet"
     records = sorted((tmp_path / "out").rglob("eval-*-alexnet-soft.json"))

@@ -195,10 +195,14 @@ def test_evaluation_record_names_the_track_and_its_class_weight():
     from csdm_dist.config import EvalConfig
     from csdm_dist.evaluate import eval_record_name
 
-    assert eval_record_name(EvalConfig(labels="hard")) == "eval-dm-300ep.json"
-    assert eval_record_name(EvalConfig(labels="soft", arch="vgg11")) == "eval-dm-300ep-vgg11-soft.json"
+    assert eval_record_name(EvalConfig(labels="hard", repeats=3)) == "eval-dm-300ep-x3.json"
+    assert eval_record_name(EvalConfig(labels="soft", arch="vgg11")) == "eval-dm-300ep-x2-vgg11-soft.json"
     assert eval_record_name(EvalConfig(labels="soft", relabel="online", hard_weight=0.5, epochs=30)) == \
-        "eval-dm-30ep-soft-online-hw0.5.json"
+        "eval-dm-30ep-x2-soft-online-hw0.5.json"
     # a val evaluation never overwrites the test record of the same protocol, network and track
-    assert eval_record_name(EvalConfig(labels="soft", arch="vgg11", split="val")) == "eval-dm-300ep-val-vgg11-soft.json"
-
+    assert eval_record_name(EvalConfig(labels="soft", arch="vgg11", split="val")) == \
+        "eval-dm-300ep-x2-val-vgg11-soft.json"
+    # nor a quick one-network check the 3-network record, nor a changed training recipe the default one
+    names = {eval_record_name(EvalConfig(labels="hard", **kw)) for kw in
+             ({}, {"repeats": 1}, {"repeats": 3}, {"batch_size": 64}, {"augment": False}, {"test_points": 5})}
+    assert len(names) == 6 and "eval-dm-300ep-x2-bs64.json" in names and "eval-dm-300ep-x2-noaug.json" in names
