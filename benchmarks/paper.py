@@ -53,6 +53,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common import CONFIGS, machine_info, write_report
+from csdm_dist.config import DistillConfig
 from quality import cell_row, differences, seed_result, settings_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds; a cell averages them")
     p.add_argument("--steps", type=int, default=None,
-                   help="distillation steps (default: the config's distill.iterations, 1000)")
+                   help=f"distillation steps (default: the config's distill.iterations, {DistillConfig().iterations})")
     p.add_argument("--eval-epochs", type=int, default=1000, help="epochs of each evaluation network")
     p.add_argument("--repeats", type=int, default=5, help="evaluation networks per run")
     p.add_argument("--protocol", choices=("dm", "ncfm"), default="dm", help="evaluation protocol (eval.protocol)")

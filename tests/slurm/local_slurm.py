@@ -10,6 +10,7 @@ By hand: `python tests/slurm/local_slurm.py /tmp/slurm` starts a cluster and pri
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -160,6 +161,12 @@ class LocalSlurm:
         if out.returncode:
             return {}
         return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+
+    def controller_log(self, job_id: str) -> str:
+        """The lines of slurmctld's log that name this job."""
+        path = self.root / "log" / "slurmctld.log"
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        return "\n".join(line for line in text.splitlines() if re.search(rf"\b(JobId=|job ){job_id}\b", line))
 
     def jobs(self) -> list[str]:
         out = self.run("squeue", "-h", "-o", "%i", check=False)

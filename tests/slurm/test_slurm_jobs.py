@@ -26,6 +26,7 @@ JOB = TINY + ["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=1",
               "distill.checkpoint_every=2"]
 RUN = Path("fashion_mnist_lt") / "csdm-ipc2-if10-f2-seed0"
 FAILED_GRACE_S = 5
+RELAUNCH_AFTER_S = 2
 FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -42,29 +43,44 @@ def logs(run: Path, job_id: str, tail: int | None = 4000) -> str:
                      for p in sorted((run / "submitit").glob(f"{job_id}_*_log.*")))
 
 
-def wait_until(cluster, job_id: str, run: Path, done, what: str, timeout: float = 90) -> None:
-    """Poll until done(); fail with the job's logs if the job ends badly or time runs out. SLURM holds a requeued
-    batch job back for about two minutes (Reason=BeginTime); the test lets it start at once."""
-    deadline = time.monotonic() + timeout
+def wait_until(cluster, job_id: str, run: Path, done, what: str, timeout: float = 90) -> list[str]:
+    """Poll until done(); fail with the job's logs and the states it went through if the job ends badly or time runs
+    out. SLURM holds a requeued batch job back for about two minutes (Reason=BeginTime); the test lets it start
+    once it has been held RELAUNCH_AFTER_S seconds."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     failed_since = None
+    held_since: dict[str | None, float] = {}  # restart count -> when the test first saw it held back
+    states: list[str] = []  # each change of (JobState, Reason, Restarts), with the time since the wait began
+
+    def why(headline: str) -> str:
+        return (f"{headline}\nstates: {'; '.join(states)}\n{logs(run, job_id)}\n"
+                f"--- slurmctld on job {job_id}\n{cluster.controller_log(job_id)}\n{cluster.logs()}")
+
     while time.monotonic() < deadline:
         if done():
-            return
+            return states
         info = cluster.job(job_id)
+        state = f"{info.get('JobState')} ({info.get('Reason')}, restarts {info.get('Restarts')})"
+        if not states or not states[-1].endswith(state):
+            states.append(f"{time.monotonic() - t0:.1f} s {state}")
         # a job that requeues itself can show FAILED for a moment (its batch step ends before the requeue is
         # processed): only a state that stays failed for FAILED_GRACE_S seconds ends the wait
         if info.get("JobState") in FAILED:
             failed_since = failed_since or time.monotonic()
             if time.monotonic() - failed_since > FAILED_GRACE_S:
-                pytest.fail(f"job {job_id} ended {info.get('JobState')} while waiting for {what}\n"
-                            f"{logs(run, job_id)}\n{cluster.logs()}")
+                pytest.fail(why(f"job {job_id} ended {info.get('JobState')} while waiting for {what}"))
         else:
             failed_since = None
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            # not at once: a batch job relaunched within the second in which its nodes revoked its credential (the
+            # kill that requeued it) is refused there ("Job credential revoked") and ends FAILED. StartTime=now (not
+            # now+N) so that the scheduler runs at once rather than at its next periodic pass.
+            held = held_since.setdefault(info.get("Restarts"), time.monotonic())
+            if time.monotonic() - held >= RELAUNCH_AFTER_S:
+                cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what} of job {job_id} ({cluster.job(job_id)})\n"
-                f"{logs(run, job_id)}\n{cluster.logs()}")
+    pytest.fail(why(f"timed out after {timeout} s waiting for {what} of job {job_id} ({cluster.job(job_id)})"))
 
 
 def finished(cluster, job_id: str, run: Path):
@@ -114,8 +130,8 @@ def test_preempted_job_resumes_with_the_same_result(slurm_cluster, tiny_dataset,
         slurm_cluster.run("scancel", "--signal=USR2", job_id)
     else:
         slurm_cluster.run("scontrol", "requeue", job_id)
-    wait_until(slurm_cluster, job_id, run, finished(slurm_cluster, job_id, run), "the results after requeueing")
-    print(f"\npreempted ({how}) 2-node job {job_id}: {time.monotonic() - t0:.1f} s")
+    states = wait_until(slurm_cluster, job_id, run, finished(slurm_cluster, job_id, run), "the results after requeueing")
+    print(f"\npreempted ({how}) 2-node job {job_id}: {time.monotonic() - t0:.1f} s; states {'; '.join(states)}")
 
     text = logs(run, job_id, tail=None)
     assert slurm_cluster.job(job_id)["Restarts"] == "1", text
