@@ -16,8 +16,8 @@ same overrides (factor, init, lr schedule, budget), the same evaluation protocol
 `--at-steps` also evaluates each run's set after those steps (eval.at_steps): accuracy against steps.
 `--archs` evaluates every run's set on each of those networks too (cross-architecture: the set is distilled once,
 with the extractor of its config; `python -m csdm_dist.evaluate distilled=<run>/distilled.pt eval.arch=<arch>`
-writes `eval-<protocol>-<epochs>ep-x<repeats>[-val]-<arch>[-soft].json` beside it, with the run's own protocol, epochs,
-repeats, split and label track). Every row names its `arch`.
+writes `eval-<protocol>-<epochs>ep-x<repeats>[-val]-<arch>[-soft].json` beside it, with the run's own protocol,
+epochs, repeats, split and label track). Every row names its `arch`.
 
 Each cell reports the mean and std over seeds of each seed's mean over evaluation repeats, the many / medium / few
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired

@@ -215,19 +215,22 @@ def stored_soft_labels(blob: dict, path: Path, n_decoded: int, num_classes: int)
     return soft, float(temperature)
 
 
+# eval_record_name's suffixes, in order: (EvalConfig key, its tag for a value; "" adds nothing). Every key but
+# repeats is tagged only where it differs from the default; labels is resolved (hard or soft), so only soft is named
+RECORD_TAGS = (("batch_size", lambda v: f"bs{v}"), ("augment", lambda v: "aug" if v else "noaug"),
+               ("test_points", lambda v: f"tp{v}"), ("split", str), ("arch", str),
+               ("labels", lambda v: "soft" if v == "soft" else ""), ("relabel", str),
+               ("hard_weight", lambda v: f"hw{v:g}"))
+
+
 def eval_record_name(ev: EvalConfig) -> str:
     """eval-<protocol>-<epochs>ep-x<repeats>[-bs<n>][-noaug][-tp<n>][-<split>][-<arch>][-soft[-online][-hw<w>]].json:
     one file per protocol, budget (epochs, networks, and the batch size, augmentation and test points where they
     differ from the defaults), split (named unless test), network and label track (with its class-term weight), so
     that no evaluation overwrites the record of another (a quick one-network check leaves a 3-network record be)."""
     d = EvalConfig()
-    budget = f"-x{ev.repeats}" + ("" if ev.batch_size == d.batch_size else f"-bs{ev.batch_size}") + \
-        ("" if ev.augment == d.augment else ("-aug" if ev.augment else "-noaug")) + \
-        ("" if ev.test_points == d.test_points else f"-tp{ev.test_points}")
-    tail = ("" if ev.split == "test" else f"-{ev.split}") + ("" if ev.arch == "convnet" else f"-{ev.arch}") + \
-        ("-soft" if ev.labels == "soft" else "") + ("-online" if ev.relabel == "online" else "") + \
-        (f"-hw{ev.hard_weight:g}" if ev.hard_weight else "")
-    return f"eval-{ev.protocol}-{ev.epochs}ep{budget}{tail}.json"
+    tags = [tag(getattr(ev, k)) for k, tag in RECORD_TAGS if getattr(ev, k) != getattr(d, k)]
+    return f"eval-{ev.protocol}-{ev.epochs}ep-x{ev.repeats}" + "".join(f"-{t}" for t in tags if t) + ".json"
 
 
 def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:

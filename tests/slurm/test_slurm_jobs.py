@@ -52,6 +52,7 @@ def wait_until(cluster, job_id: str, run: Path, done, what: str, timeout: float 
     failed_since = None
     held_since: dict[str | None, float] = {}  # restart count -> when the test first saw it held back
     states: list[str] = []  # each change of (JobState, Reason, Restarts), with the time since the wait began
+    last = None
 
     def why(headline: str) -> str:
         return (f"{headline}\nstates: {'; '.join(states)}\n{logs(run, job_id)}\n"
@@ -62,8 +63,9 @@ def wait_until(cluster, job_id: str, run: Path, done, what: str, timeout: float 
             return states
         info = cluster.job(job_id)
         state = f"{info.get('JobState')} ({info.get('Reason')}, restarts {info.get('Restarts')})"
-        if not states or not states[-1].endswith(state):
+        if state != last:
             states.append(f"{time.monotonic() - t0:.1f} s {state}")
+            last = state
         # a job that requeues itself can show FAILED for a moment (its batch step ends before the requeue is
         # processed): only a state that stays failed for FAILED_GRACE_S seconds ends the wait
         if info.get("JobState") in FAILED:
