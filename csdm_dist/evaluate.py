@@ -187,6 +187,7 @@ def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
     groups = class_groups(counts)
     out = {"mean": overall.mean().item(), "std": overall.std(unbiased=False).item(),
            "best_mean": (100 * best.mean(1)).mean().item(), "repeats": last.shape[0],
+           "per_repeat": overall.tolist(),  # each network's overall accuracy: what mean and std summarise
            "per_class": (100 * last.mean(0)).tolist()}
     for g, idx in groups.items():
         out[g] = (100 * last[:, idx].mean()).item() if idx else float("nan")
