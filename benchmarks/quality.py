@@ -23,7 +23,8 @@ Each cell reports the mean and std over seeds of each seed's mean over evaluatio
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
 difference to every other method, seed by seed (same seed: same real data, same starting images).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
-invocation would run (else it stops and says which keys differ). Extra arguments after `--` are Hydra overrides
+invocation would run (else it stops and says which keys differ). `--merge` keeps the rows already in `--results` for
+the cells this invocation does not make (each row has its `date`). Extra arguments after `--` are Hydra overrides
 passed to every distillation.
 """
 from __future__ import annotations
@@ -82,10 +83,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--data-root", default=str(ROOT / "data"))
     p.add_argument("--out-dir", type=Path, default=None, help="default: runs/quality-<mode>")
     p.add_argument("--results", type=Path, default=None, help="also write the JSON here (and .md beside it)")
+    p.add_argument("--merge", action="store_true",
+                   help="with --results: keep the rows of the JSON already there whose cells this invocation does "
+                        "not make (another class order or IF measured earlier, whose run directories are gone); it "
+                        "must have the same mode, split, label track, seeds and overrides after --")
     p.add_argument("--device", default="auto")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.merge and args.results is None:
+        p.error("--merge keeps the rows of the --results JSON: give --results")
     return args, extra
 
 
@@ -157,11 +164,18 @@ def main(argv=None) -> dict:
                                                                           t_start, cell)
                             seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
                     rows += [cell_row(order, imb, ipc, method, args.labels, arch, s) for arch, s in seeds.items()]
+    today = datetime.date.today().isoformat()
+    for r in rows:
+        r["date"] = today
+    kept = []
+    if args.merge and args.results.is_file():
+        kept = kept_rows(json.loads(args.results.read_text()), rows, args, mode, extra)
+        rows = kept + rows
     other = json.loads(args.against.read_text())["rows"] if args.against else []
     table = markdown(rows, args, mode, extra) + track_differences(rows, other) + teachers_markdown(teachers)
     report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
               "protocol": "dm", "seeds": args.seeds, "extra_overrides": extra, "settings": settings,
-              "date": datetime.date.today().isoformat(), "machine": machine_info(), "rows": rows,
+              "date": today, "machine": machine_info(), "rows": rows, **({"merged_rows": len(kept)} if kept else {}),
               "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in the rows
               "reused_runs": reused, **({"teachers": teachers} if teachers else {}),
               **({"against": str(args.against)} if args.against else {})}
@@ -172,6 +186,22 @@ def main(argv=None) -> dict:
             path.with_suffix(".md").write_text(table + "\n")
             write_report(path, report)
     return report
+
+
+def cell_key(row: dict) -> tuple:
+    return row["order"], row["imbalance_factor"], row["ipc"], row["method"], row["labels"], row["arch"]
+
+
+def kept_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[str]) -> list[dict]:
+    """--merge: the rows of an earlier report for the cells this invocation did not make, each with its date
+    (the report's when the row has none). The earlier report must share what the table's header states."""
+    want = {"mode": mode, "split": args.split, "labels": args.labels, "seeds": args.seeds, "extra_overrides": extra}
+    differ = [f"{k} {previous.get(k)!r} (this run: {v!r})" for k, v in want.items() if previous.get(k) != v]
+    if differ:
+        raise SystemExit(f"--merge: {args.results} was made with other {', '.join(differ)}; write to another "
+                         "--results file, or rerun its cells with these settings")
+    made = {cell_key(r) for r in rows}
+    return [{**r, "date": r.get("date", previous["date"])} for r in previous["rows"] if cell_key(r) not in made]
 
 
 TEACHER_KEYS = ("teacher.", "dataset.")  # the overrides after -- that shape a teacher

@@ -112,6 +112,31 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
         quality.cell_row("hardtail", 10.0, 10, "dm", "hard", "convnet", mixed)
 
 
+def test_quality_merge_keeps_earlier_cells_and_refuses_another_protocol(tmp_path, capsys):
+    import quality
+
+    def row(order, method, mean, date=None):
+        r = {"order": order, "imbalance_factor": 100.0, "ipc": 10, "method": method, "labels": "hard",
+             "arch": "convnet", "mean": mean}
+        return r if date is None else {**r, "date": date}
+
+    results = tmp_path / "quality.json"
+    args, extra = quality.parse_args(["--seeds", "0", "1", "--results", str(results), "--merge"])
+    previous = {"mode": "full", "split": "test", "labels": "hard", "seeds": [0, 1], "extra_overrides": [],
+                "date": "2026-12-01", "rows": [row("natural", "csdm", 84.0), row("natural", "dm", 82.0, "2026-11-30"),
+                                               row("hardtail", "dm", 70.0)]}
+    new = [row("hardtail", "csdm", 83.5), row("hardtail", "dm", 82.9)]
+    kept = quality.kept_rows(previous, new, args, "full", extra)
+    assert [(r["order"], r["method"], r["mean"], r["date"]) for r in kept] == [
+        ("natural", "csdm", 84.0, "2026-12-01"), ("natural", "dm", 82.0, "2026-11-30")]  # hardtail dm: remade
+    for change in [{"split": "val"}, {"seeds": [0, 1, 2]}, {"extra_overrides": ["synthetic.factor=1"]}]:
+        with pytest.raises(SystemExit, match=f"--merge: .*{next(iter(change))}"):
+            quality.kept_rows({**previous, **change}, new, args, "full", extra)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--merge"])
+    assert "--merge keeps the rows of the --results JSON: give --results" in capsys.readouterr().err
+
+
 def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_network():
     import quality
 
