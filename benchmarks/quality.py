@@ -23,9 +23,9 @@ Each cell reports the mean and std over seeds of each seed's mean over evaluatio
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
 difference to every other method, seed by seed (same seed: same real data, same starting images).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
-invocation would run (else it stops and says which keys differ). `--merge` keeps the rows already in `--results` for
-the cells this invocation does not make (each row has its `date`). Extra arguments after `--` are Hydra overrides
-passed to every distillation.
+invocation would run (else it stops and says which keys differ). `--merge` combines this invocation's cells with
+those already in `--results`, seed by seed: a table built over sessions whose run directories are gone (each row and
+seed has its `date`). Extra arguments after `--` are Hydra overrides passed to every distillation.
 """
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out-dir", type=Path, default=None, help="default: runs/quality-<mode>")
     p.add_argument("--results", type=Path, default=None, help="also write the JSON here (and .md beside it)")
     p.add_argument("--merge", action="store_true",
-                   help="with --results: keep the rows of the JSON already there whose cells this invocation does "
-                        "not make (another class order or IF measured earlier, whose run directories are gone); it "
-                        "must have the same mode, split, label track, seeds and overrides after --")
+                   help="with --results: combine this invocation's cells with the rows of the JSON already there, "
+                        "seed by seed (cells or seeds measured earlier, whose run directories are gone); it must "
+                        "have the same mode, split, label track and overrides after --")
     p.add_argument("--device", default="auto")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -167,15 +167,18 @@ def main(argv=None) -> dict:
     today = datetime.date.today().isoformat()
     for r in rows:
         r["date"] = today
-    kept = []
+        for seed in r["per_seed"]:
+            seed["date"] = today
+    made = len(rows)
     if args.merge and args.results.is_file():
-        kept = kept_rows(json.loads(args.results.read_text()), rows, args, mode, extra)
-        rows = kept + rows
+        rows = merge_rows(json.loads(args.results.read_text()), rows, args, mode, extra)
     other = json.loads(args.against.read_text())["rows"] if args.against else []
     table = markdown(rows, args, mode, extra) + track_differences(rows, other) + teachers_markdown(teachers)
     report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
-              "protocol": "dm", "seeds": args.seeds, "extra_overrides": extra, "settings": settings,
-              "date": today, "machine": machine_info(), "rows": rows, **({"merged_rows": len(kept)} if kept else {}),
+              "protocol": "dm", "seeds": sorted({k for r in rows for k in r["seeds"]}), "extra_overrides": extra,
+              "settings": settings,
+              "date": today, "machine": machine_info(), "rows": rows,
+              **({"merged_from": str(args.results), "cells_made": made} if args.merge else {}),
               "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in the rows
               "reused_runs": reused, **({"teachers": teachers} if teachers else {}),
               **({"against": str(args.against)} if args.against else {})}
@@ -192,16 +195,30 @@ def cell_key(row: dict) -> tuple:
     return row["order"], row["imbalance_factor"], row["ipc"], row["method"], row["labels"], row["arch"]
 
 
-def kept_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[str]) -> list[dict]:
-    """--merge: the rows of an earlier report for the cells this invocation did not make, each with its date
-    (the report's when the row has none). The earlier report must share what the table's header states."""
-    want = {"mode": mode, "split": args.split, "labels": args.labels, "seeds": args.seeds, "extra_overrides": extra}
+def merge_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[str]) -> list[dict]:
+    """--merge: an earlier report's rows combined with this invocation's, cell by cell and seed by seed: a cell
+    measured in both gets the union of their seeds (this invocation's result where both have a seed), rebuilt with
+    cell_row (which refuses seeds made with other settings); a cell only in one is kept as it is. Every row and
+    seed keeps the date of the report that first tabulated it. The earlier report must share the mode, split,
+    label track and overrides that the table's header states."""
+    want = {"mode": mode, "split": args.split, "labels": args.labels, "extra_overrides": extra}
     differ = [f"{k} {previous.get(k)!r} (this run: {v!r})" for k, v in want.items() if previous.get(k) != v]
     if differ:
         raise SystemExit(f"--merge: {args.results} was made with other {', '.join(differ)}; write to another "
                          "--results file, or rerun its cells with these settings")
-    made = {cell_key(r) for r in rows}
-    return [{**r, "date": r.get("date", previous["date"])} for r in previous["rows"] if cell_key(r) not in made]
+    new = {cell_key(r): r for r in rows}
+    merged = []
+    for r in previous["rows"]:
+        date = r.get("date", previous["date"])
+        earlier = [{**s, "date": s.get("date", date)} for s in r["per_seed"]]
+        mine = new.pop(cell_key(r), None)
+        if mine is None:
+            merged.append({**r, "date": date, "per_seed": earlier})
+            continue
+        fresh = {s["seed"] for s in mine["per_seed"]}
+        seeds = sorted([s for s in earlier if s["seed"] not in fresh] + mine["per_seed"], key=lambda s: s["seed"])
+        merged.append({**cell_row(*cell_key(r), seeds), "date": mine["date"]})
+    return merged + list(new.values())
 
 
 TEACHER_KEYS = ("teacher.", "dataset.")  # the overrides after -- that shape a teacher
@@ -362,9 +379,13 @@ def aggregate(seeds: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
-    n = len(args.seeds)
-    spread = (f"mean +- std over {n} distillation seeds ({', '.join(map(str, args.seeds))}), each the mean of its "
-              "evaluation repeats" if n > 1 else f"seed {args.seeds[0]}, mean +- std over the evaluation repeats")
+    seed_sets = list(dict.fromkeys(tuple(r["seeds"]) for r in rows)) or [tuple(args.seeds)]
+    mixed = len(seed_sets) > 1  # a --merge of cells with different seeds: each row names its own
+    n = len(seed_sets[0])
+    spread = ("mean +- std over each cell's distillation seeds (after its method), each the mean of its evaluation "
+              "repeats; the std of a one-seed cell is over its evaluation repeats" if mixed else
+              f"mean +- std over {n} distillation seeds ({', '.join(map(str, seed_sets[0]))}), each the mean of its "
+              "evaluation repeats" if n > 1 else f"seed {seed_sets[0][0]}, mean +- std over the evaluation repeats")
     lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
              f"{args.split} split; accuracy %, {spread}"
              + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]
@@ -374,7 +395,8 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
         lines += ["", f"### {order} class order, IPC {ipc}, evaluated on {arch}", "", *settings_line(part),
                   "| IF | method | overall | many | medium | few | distil s |", "|---|---|---|---|---|---|---|"]
         for r in part:
-            lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | {r['mean']:.2f} +- {r['std']:.2f} | "
+            name = r["method"] + (f" (seeds {', '.join(map(str, r['seeds']))})" if mixed else "")
+            lines.append(f"| {r['imbalance_factor']:g} | {name} | {r['mean']:.2f} +- {r['std']:.2f} | "
                          f"{r['many']:.2f} | {r['medium']:.2f} | {r['few']:.2f} | {r['distill_s']:.0f} |")
         methods = list(dict.fromkeys(r["method"] for r in part))
         ifs = list(dict.fromkeys(r["imbalance_factor"] for r in part))

@@ -112,26 +112,42 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
         quality.cell_row("hardtail", 10.0, 10, "dm", "hard", "convnet", mixed)
 
 
-def test_quality_merge_keeps_earlier_cells_and_refuses_another_protocol(tmp_path, capsys):
+def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(tmp_path, capsys):
     import quality
 
-    def row(order, method, mean, date=None):
-        r = {"order": order, "imbalance_factor": 100.0, "ipc": 10, "method": method, "labels": "hard",
-             "arch": "convnet", "mean": mean}
+    def seed(k, mean, date=None, settings=SETTINGS):
+        s = {"seed": k, "mean": mean, "std": 0.1, "many": mean, "medium": mean, "few": mean - 10, "distill_s": 1.0,
+             "eval_s": 1.0, "at_steps": {}, "settings": settings}
+        return s if date is None else {**s, "date": date}
+
+    def row(order, method, seeds, date=None):
+        r = quality.cell_row(order, 100.0, 10, method, "hard", "convnet", seeds)
         return r if date is None else {**r, "date": date}
 
     results = tmp_path / "quality.json"
-    args, extra = quality.parse_args(["--seeds", "0", "1", "--results", str(results), "--merge"])
-    previous = {"mode": "full", "split": "test", "labels": "hard", "seeds": [0, 1], "extra_overrides": [],
-                "date": "2026-12-01", "rows": [row("natural", "csdm", 84.0), row("natural", "dm", 82.0, "2026-11-30"),
-                                               row("hardtail", "dm", 70.0)]}
-    new = [row("hardtail", "csdm", 83.5), row("hardtail", "dm", 82.9)]
-    kept = quality.kept_rows(previous, new, args, "full", extra)
-    assert [(r["order"], r["method"], r["mean"], r["date"]) for r in kept] == [
-        ("natural", "csdm", 84.0, "2026-12-01"), ("natural", "dm", 82.0, "2026-11-30")]  # hardtail dm: remade
-    for change in [{"split": "val"}, {"seeds": [0, 1, 2]}, {"extra_overrides": ["synthetic.factor=1"]}]:
+    args, extra = quality.parse_args(["--seeds", "1", "2", "--results", str(results), "--merge"])
+    previous = {"mode": "full", "split": "test", "labels": "hard", "extra_overrides": [], "date": "2026-12-01",
+                "rows": [row("natural", "csdm", [seed(0, 84.0), seed(1, 83.0)]),
+                         row("hardtail", "dm", [seed(0, 82.0), seed(1, 70.0)], date="2026-11-30")]}
+    new = [row("hardtail", "dm", [seed(1, 81.0, "2026-12-02"), seed(2, 83.0, "2026-12-02")], date="2026-12-02"),
+           row("hardtail", "csdm", [seed(1, 84.0, "2026-12-02")], date="2026-12-02")]
+    merged = quality.merge_rows(previous, new, args, "full", extra)
+    assert [(r["order"], r["method"], r["seeds"], r["accuracy"]) for r in merged] == [
+        ("natural", "csdm", [0, 1], [84.0, 83.0]),  # not remade: kept
+        ("hardtail", "dm", [0, 1, 2], [82.0, 81.0, 83.0]),  # seed 1 remade, seeds 0 and 2 from each report
+        ("hardtail", "csdm", [1], [84.0])]  # new
+    assert merged[1]["mean"] == 82.0 and merged[1]["few"] == 72.0 and merged[1]["std_over"] == "seeds"
+    assert [s["date"] for s in merged[1]["per_seed"]] == ["2026-11-30", "2026-12-02", "2026-12-02"]
+    assert merged[0]["date"] == "2026-12-01" and merged[1]["date"] == "2026-12-02"
+    table = quality.markdown(merged, args, "full", extra)
+    assert "| 100 | dm (seeds 0, 1, 2) | 82.00 +- 1.00 |" in table and "each cell's distillation seeds" in table
+    assert "IF 100: csdm - dm = +2.00 (per seed: +3.00)" in table  # paired on the seed both have
+    for change in [{"split": "val"}, {"labels": "soft"}, {"extra_overrides": ["synthetic.factor=1"]}]:
         with pytest.raises(SystemExit, match=f"--merge: .*{next(iter(change))}"):
-            quality.kept_rows({**previous, **change}, new, args, "full", extra)
+            quality.merge_rows({**previous, **change}, new, args, "full", extra)
+    other = [seed(0, 82.0, settings={**SETTINGS, "factor": 1})]  # an earlier seed made with other settings
+    with pytest.raises(SystemExit, match="different settings"):
+        quality.merge_rows({**previous, "rows": [row("hardtail", "dm", other)]}, new, args, "full", extra)
     with pytest.raises(SystemExit):
         quality.parse_args(["--merge"])
     assert "--merge keeps the rows of the --results JSON: give --results" in capsys.readouterr().err
