@@ -198,9 +198,9 @@ def cell_key(row: dict) -> tuple:
 def merge_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[str]) -> list[dict]:
     """--merge: an earlier report's rows combined with this invocation's, cell by cell and seed by seed: a cell
     measured in both gets the union of their seeds (this invocation's result where both have a seed), rebuilt with
-    cell_row (which refuses seeds made with other settings); a cell only in one is kept as it is. Every row and
-    seed keeps the date of the report that first tabulated it. The earlier report must share the mode, split,
-    label track and overrides that the table's header states."""
+    cell_row (which refuses seeds made with other settings); a cell only in one is kept as it is. Each seed keeps
+    the date of the report that tabulated its result, a rebuilt row takes today's. The earlier report must share
+    the mode, split, label track and overrides that the table's header states."""
     want = {"mode": mode, "split": args.split, "labels": args.labels, "extra_overrides": extra}
     differ = [f"{k} {previous.get(k)!r} (this run: {v!r})" for k, v in want.items() if previous.get(k) != v]
     if differ:
