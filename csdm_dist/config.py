@@ -350,9 +350,18 @@ class LabelsConfig:
     # tau' >= 0: the stored logits are the teacher's minus tau' * log pi_c (pi: the real class frequencies), a
     # shift toward the tail before the softmax (ADSA); 0: the teacher's logits as they are
     prior_adjust: float = 0.0
+    # lambda >= 0: adds lambda * (mean over decoded synthetic images of the teacher's cross-entropy on their class,
+    # on the step's augmented views) to the matching loss, so the images become ones the teacher labels as their
+    # class (SRe2L's recovery term); needs labels.kind=soft. 0: the matching loss alone
+    teacher_ce: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.kind in LABEL_KINDS, "labels.kind", f"{self.kind!r} is not one of {LABEL_KINDS}")
+        _check(self.teacher_ce >= 0 and math.isfinite(self.teacher_ce), "labels.teacher_ce",
+               f"is the weight of the teacher cross-entropy term and must be >= 0 (0: none), got {self.teacher_ce}")
+        _check(self.teacher_ce == 0 or self.kind == "soft", "labels.teacher_ce",
+               f"{self.teacher_ce} shapes the images with the teacher, which is the soft track's; set labels.kind=soft "
+               "(needs a teacher: python -m csdm_dist.teacher) or labels.teacher_ce=0")
         _check(self.temperature > 0 and math.isfinite(self.temperature), "labels.temperature",
                f"must be a finite number > 0, got {self.temperature}")
         _check(self.prior_adjust >= 0 and math.isfinite(self.prior_adjust), "labels.prior_adjust",

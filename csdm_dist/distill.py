@@ -145,7 +145,8 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, rt.device)
     init, picked = initial_images(cfg, real, layout, norm)
     syn = SyntheticSet.from_full(init, cfg.dataset.num_classes, cfg.ipc, layout)
-    distiller = Distiller(cfg, rt, layout, real, syn, norm, NullLogger(), run_dir)
+    distiller = Distiller(cfg, rt, layout, real, syn, norm, NullLogger(), run_dir,
+                          teacher=None if teacher is None else teacher.net)
     if real.features is not None:
         if real.features.feats.shape[0] != len(distiller.extractor.pool):
             raise ValueError("the feature shards hold another number of pool members than extractor.pool_path")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -62,9 +63,13 @@ class RealData:
 
 class Distiller:
     def __init__(self, cfg: Config, rt: Runtime, layout: ParallelLayout, real: RealData, syn: SyntheticSet,
-                 norm: Normalizer, logger: NullLogger, run_dir: Path):
+                 norm: Normalizer, logger: NullLogger, run_dir: Path, teacher: nn.Module | None = None):
         self.cfg, self.rt, self.layout, self.real, self.syn, self.norm = cfg, rt, layout, real, syn, norm
         self.logger, self.run_dir = logger, run_dir
+        # labels.teacher_ce > 0: the frozen teacher whose cross-entropy on the synthetic images joins the loss
+        self.teacher = teacher if cfg.labels.teacher_ce > 0 else None
+        if cfg.labels.teacher_ce > 0 and teacher is None:
+            raise ValueError("labels.teacher_ce > 0 needs the teacher network (csdm_dist.teacher.load_teacher)")
         d = cfg.dataset
         self.num_classes = d.num_classes
         self.extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device,
@@ -101,32 +106,41 @@ class Distiller:
         idx = keep.nonzero().squeeze(1)  # host sync: the batch size is data dependent
         return self.norm(r.images[idx]), r.labels[idx], r.ids[idx]
 
+    def augmented(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int) -> Tensor:
+        """The step's augmentation op on `x`, its parameters keyed by image id (the same draws in any chunking)."""
+        return x if op is None else augment(x, op, rng.sample_uniforms(ids, self.cfg.seed, step, stream, NUM_UNIFORMS))
+
     def embed(self, x: Tensor, ids: Tensor, op: str | None, stream: int, step: int, chunk: int | None = None) -> Tensor:
         """Augmented, embedded features; `chunk` splits the forward (real side, no grad) to bound memory."""
-        if op is not None:
-            x = augment(x, op, rng.sample_uniforms(ids, self.cfg.seed, step, stream, NUM_UNIFORMS))
+        x = self.augmented(x, ids, op, stream, step)
         if chunk is None or len(x) <= chunk:
             return self.extractor.embed(x)
         return torch.cat([self.extractor.embed(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
-    def syn_statistics(self, decoded: Tensor, freqs: Tensor | None, op: str | None, step: int) -> tuple[Tensor, Tensor]:
-        """This rank's synthetic class sums and counts, differentiable in `decoded`. With distill.syn_chunk, chunk by
+    def syn_statistics(self, decoded: Tensor, freqs: Tensor | None, op: str | None,
+                       step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's synthetic class sums and counts, differentiable in `decoded`, and the sum of the teacher's
+        cross-entropies on the same augmented views (0 without labels.teacher_ce). With distill.syn_chunk, chunk by
         chunk under activation checkpointing: the graph keeps each chunk's input and [C, F] sums, and the backward
         recomputes one chunk's forward at a time (augmentation uniforms are keyed by image id: the same draws)."""
         labels, ids, chunk = self.decoded_labels, self.decoded_ids, self.cfg.distill.syn_chunk
 
-        def sums_of(x: Tensor, y: Tensor, i: Tensor) -> Tensor:
-            z = self.embed(x, i, op, rng.SYN_AUG, step)
-            return S.class_statistics(z, y, self.num_classes, freqs, freq_scale=self.freq_scale)[0]
+        def sums_of(x: Tensor, y: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+            x = self.augmented(x, i, op, rng.SYN_AUG, step)
+            sums = S.class_statistics(self.extractor.embed(x), y, self.num_classes, freqs, freq_scale=self.freq_scale)[0]
+            if self.teacher is None:
+                return sums, sums.new_zeros(())
+            return sums, F.cross_entropy(self.teacher(x).float(), y, reduction="sum")
 
         if chunk is None or len(decoded) <= chunk:
-            sums = sums_of(decoded, labels, ids)
+            sums, ce = sums_of(decoded, labels, ids)
         else:
-            sums = 0
+            sums = ce = 0
             for i in range(0, len(decoded), chunk):
-                sums = sums + activation_checkpoint(sums_of, decoded[i:i + chunk], labels[i:i + chunk],
-                                                    ids[i:i + chunk], use_reentrant=False)
-        return sums, torch.bincount(labels, minlength=self.num_classes).to(sums.dtype)
+                s, e = activation_checkpoint(sums_of, decoded[i:i + chunk], labels[i:i + chunk], ids[i:i + chunk],
+                                             use_reentrant=False)
+                sums, ce = sums + s, ce + e
+        return sums, torch.bincount(labels, minlength=self.num_classes).to(sums.dtype), ce
 
     def loss(self, real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         w = self.cfg.method.weighting
@@ -162,11 +176,16 @@ class Distiller:
 
         with t("syn_forward"):
             decoded = formation.decode(self.engine().float(), self.factor)
-            s_sums, s_n = self.syn_statistics(decoded, freqs, op, step)
+            s_sums, s_n, s_ce = self.syn_statistics(decoded, freqs, op, step)
         with t("all_reduce"):
             syn = (global_sum_local_grad(s_sums, group), all_reduce_sum(s_n, group))
+            if self.teacher is not None:  # the mean over every rank's decoded images; the gradient stays local
+                s_ce = global_sum_local_grad(s_ce, group) / syn[1].sum()
         with t("syn_backward"):
             out = self.loss(real, syn)
+            if self.teacher is not None:
+                out["teacher_ce"] = s_ce.detach()
+                out["loss"] = out["loss"] + cfg.labels.teacher_ce * s_ce
             self.engine.backward(out["loss"])
         with t("optimizer"):
             lr = lr_at(step, cfg.distill.iterations, cfg.distill)

@@ -6,7 +6,8 @@ Fashion-MNIST-LT (118 train images, IF 10) built once per module into several We
 
 - 1 rank and 2 ranks (one node, and two torchrun launches as two nodes) take the same steps: same distilled images
   and same per-step losses up to fp32 summation order, also when the shard count is not a multiple of the ranks,
-  and with multi-formation (synthetic.factor=2, distill.init=mix: each rank decodes its own stored images);
+  with multi-formation (synthetic.factor=2, distill.init=mix: each rank decodes its own stored images), and with
+  the teacher's cross-entropy term of a soft-label set (labels.teacher_ce, each rank's own decoded images);
 - every real training sample is held by exactly one rank (2 ranks; 3 ranks on 2 shards, where one rank holds
   none), and a distillation with an empty rank runs to the end with every rank taking every step;
 - a 2-rank run stopped and resumed from its checkpoint ends exactly where an uninterrupted one does; each rank
@@ -275,6 +276,23 @@ def test_one_and_two_ranks_agree_with_multi_formation(datasets, tmp_path):
     moved = max_diff(images(start), images(ref))
     assert moved > 100 * ATOL_IMAGES, f"the images hardly moved in {K} steps ({moved:.3g}): the test would be trivial"
     assert_agree(ref, two, "2 ranks, 1 node, synthetic.factor=2 init=mix")
+
+def test_one_and_two_ranks_agree_with_the_teacher_cross_entropy_term(datasets, tmp_path):
+    """labels.teacher_ce: each rank adds the teacher's cross-entropy of its own decoded images, divided by the global
+    count, with the straight-through sum of the statistics; 2 ranks take the 1-rank steps, and the term moves them."""
+    teacher = tmp_path / "teacher.pt"
+    run_ok([PYTHON, "-m", "csdm_dist.teacher", *datasets["even"], "teacher.width=16", "teacher.depth=2",
+            "teacher.epochs=1", "teacher.batch_size=32", f"labels.teacher={teacher}", "device=cpu"],
+           tmp_path / "teacher.console.log")
+    over = datasets["even"] + TINY + ["synthetic.factor=2", "labels.kind=soft", f"labels.teacher={teacher}",
+                                      "teacher.width=16", "teacher.depth=2", f"distill.iterations={K}"]
+    ref = distil(over + ["labels.teacher_ce=1.0"], tmp_path / "one")
+    two = distil(over + ["labels.teacher_ce=1.0"], tmp_path / "two", nproc=2)
+    plain = distil(over, tmp_path / "plain")
+    moved = max_diff(images(plain), images(ref))
+    assert moved > 100 * ATOL_IMAGES, f"the teacher term hardly changed the images ({moved:.3g}): trivial test"
+    assert_agree(ref, two, "2 ranks, 1 node, labels.teacher_ce=1 synthetic.factor=2")
+
 
 # ---- real data: exactly once ------------------------------------------------------------------------------------
 GATHER_IDS = textwrap.dedent("""

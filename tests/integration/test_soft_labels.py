@@ -147,3 +147,33 @@ def test_teacher_of_another_architecture_or_build_is_refused_before_the_run(data
     with pytest.raises(FileNotFoundError, match=r"python -m csdm_dist\.teacher"):
         distil(over + [f"labels.teacher={tmp_path / 'none.pt'}", f"out_dir={tmp_path / 'none'}"])
     assert not any((tmp_path / d).exists() for d in ("arch", "data", "none"))  # refused before writing anything
+
+
+def test_teacher_cross_entropy_term_makes_images_the_teacher_labels_as_their_class(data_overrides, teacher_file,
+                                                                                   tmp_path):
+    """labels.teacher_ce > 0 adds the teacher's mean cross-entropy on the decoded images (their augmented views) to
+    the matching loss: logged as distill/teacher_ce, and the set ends with a lower teacher cross-entropy than the run
+    without it (same seed, same start); labels.teacher_ce on the hard track or below 0 is refused."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = data_overrides + TINY + TEACHER + ["labels.kind=soft", f"labels.teacher={teacher_file}",
+                                              "synthetic.factor=2", "distill.iterations=12", "distill.log_every=1",
+                                              "distill.lr=0.05", "evaluate=false"]
+    ce = {}
+    for w in (0.0, 3.0):
+        cfg, _ = distil(over + [f"labels.teacher_ce={w}", f"out_dir={tmp_path / str(w)}"])
+        blob = torch.load(tmp_path / str(w) / "distilled.pt", weights_only=False)
+        teacher = load_teacher(cfg, load_manifest(dataset_dir(cfg.dataset)), torch.device("cpu"))
+        x, y = formation.decode_set(blob["images"], blob["labels"], 2)
+        ce[w] = F.cross_entropy(teacher.logits(x), y).item()
+    acc = EventAccumulator(str(tmp_path / "3.0" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("distill/teacher_ce")]
+    assert len(logged) == 12 and logged[-1] < logged[0], logged
+    assert "distill/teacher_ce" not in EventAccumulator(str(tmp_path / "0.0" / "tb")).Reload().Tags()["scalars"]
+    print(f"teacher cross-entropy of the set: {ce}; logged {logged[0]:.3f} -> {logged[-1]:.3f}")
+    assert ce[3.0] < 0.9 * ce[0.0], ce
+    with pytest.raises(ConfigError, match=r"`labels\.teacher_ce`.*labels\.kind=soft"):
+        to_config(compose_cfg(data_overrides + ["labels.teacher_ce=1"]))
+    with pytest.raises(ConfigError, match=r"`labels\.teacher_ce`.*>= 0"):
+        to_config(compose_cfg(data_overrides + ["labels.kind=soft", "labels.teacher_ce=-1"]))

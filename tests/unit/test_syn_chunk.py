@@ -11,6 +11,7 @@ import torch
 from csdm_dist import formation
 from csdm_dist import spectral as S
 from csdm_dist.dist import close_distributed, init_distributed
+from csdm_dist.models import build_network
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import build_distiller, compose  # noqa: E402
@@ -29,13 +30,16 @@ def saved_bytes():
     return held, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-@pytest.mark.parametrize("op", ["crop", "rotate", None])
-def test_chunked_synthetic_statistics_equal_the_unchunked(tmp_path, op):
+@pytest.mark.parametrize("op,teacher", [("crop", False), ("rotate", False), (None, False), ("crop", True)])
+def test_chunked_synthetic_statistics_equal_the_unchunked(tmp_path, op, teacher):
+    """teacher: also the teacher cross-entropy sum of labels.teacher_ce, computed in the same chunks."""
     cfg = compose(["dataset=cifar10_lt", "ipc=4", "synthetic.factor=2", "extractor.width=16", "extractor.depth=2",
                    f"method.kernel.num_freqs={M}", "precision=fp32", "device=cpu"])
     rt = init_distributed("cpu")
     try:
         d = build_distiller(cfg, rt, tmp_path)
+        if teacher:  # a frozen network as the teacher of the cross-entropy term
+            d.teacher = build_network("convnet", 3, C, 32, 8, 2).eval().requires_grad_(False)
         g = torch.Generator().manual_seed(0)
         d.extractor.prepare(g)
         freqs = S.sample_frequencies("gaussian", M, d.extractor.feature_dim, 1.0, g)
@@ -47,12 +51,13 @@ def test_chunked_synthetic_statistics_equal_the_unchunked(tmp_path, op):
             x = decoded.clone().requires_grad_(True)
             held, hooks = saved_bytes()
             with hooks:
-                sums, counts = d.syn_statistics(x, freqs, op, step=3)
-            (sums * w).sum().backward()
-            out[chunk] = sums.detach(), counts, x.grad, held[0]
+                sums, counts, ce = d.syn_statistics(x, freqs, op, step=3)
+            ((sums * w).sum() + ce).backward()
+            out[chunk] = sums.detach(), counts, x.grad, held[0], float(ce.detach())
     finally:
         close_distributed()
-    (s0, n0, g0, b0), (s1, n1, g1, b1) = out[None], out[48]
+    (s0, n0, g0, b0, ce0), (s1, n1, g1, b1, ce1) = out[None], out[48]
+    assert (ce0 > 0) == teacher and ce1 == pytest.approx(ce0, rel=1e-5)
     assert torch.equal(n0, n1) and n0.sum() == len(decoded)
     torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
