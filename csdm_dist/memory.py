@@ -18,7 +18,9 @@ on the CPU: benchmarks/scale.py):
   concatenation ([rows, 5M] fp32)
 - synthetic pass: the activations kept for the backward (about 4 fp32 maps per ConvNet block, 12 per ResNet
   stage) of the whole slice, or of one distill.syn_chunk under activation checkpointing plus the decoded images;
-  the statistics of the same rows (unchunked: every row's projection [n_syn, M] kept for the backward too)
+  the statistics of the same rows (unchunked: every row's projection [n_syn, M] kept for the backward too);
+  with labels.teacher_ce > 0, the teacher's activations kept for the same rows' backward (counted in a forward of
+  one image through the teacher.* network on the CPU)
 Not counted: the extractor pool, frequencies, CUDA/DeepSpeed workspace, the evaluation and the process itself
 (libraries: about 0.7 GB of host memory for torch on the CPU). Treat the total as an estimate, not a bound.
 """
@@ -99,6 +101,31 @@ def activation_bytes(cfg: Config) -> tuple[int, int]:
     width, depth = cfg.extractor.width, cfg.extractor.depth_at(size)
     maps = [width * max(size // 2 ** i, 1) ** 2 for i in range(depth)]
     return 4 * 4 * sum(maps), 4 * (ch * size * size + 2 * max(maps))
+
+
+def teacher_kept_bytes(cfg: Config) -> int:
+    """Bytes the frozen teacher (teacher.* keys, eval mode, no parameter gradients) keeps per image for the backward
+    to its input: the tensors autograd saves in a forward of one image on the CPU (untrained weights: the sizes do
+    not depend on them), each storage counted once; the weights it saves are the model's own, not counted."""
+    import torch
+
+    from .models import build_network
+
+    t, d = cfg.teacher, cfg.dataset
+    net = build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size), t.norm)
+    net.eval().requires_grad_(False)
+    x = torch.zeros(1, d.channels, d.image_size, d.image_size, requires_grad=True)
+    saved: dict[tuple, int] = {}  # a tensor saved by two ops (a block's output, the next op's input) is kept once
+    own = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *net.buffers()]}
+
+    def pack(v: torch.Tensor) -> torch.Tensor:
+        if v.untyped_storage().data_ptr() not in own:
+            saved[v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)] = v.numel() * v.element_size()
+        return v
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        net(x)
+    return sum(saved.values())
 
 
 def statistics_bytes(rows: int, num_freqs: int, chunk: int = STATS_CHUNK) -> int:
@@ -197,6 +224,11 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
                statistics_bytes(rows_syn, m) + (n_syn * m * 4 if whole else 0),
                f"min({rows_syn}, {STATS_CHUNK}) rows x 5M x 4 B" +
                (f" + {n_syn} x M x 4 B projections kept for the backward" if whole else ""))
+    if cfg.labels.teacher_ce > 0:  # the teacher's cross-entropy runs on the same rows as the statistics
+        per = teacher_kept_bytes(cfg)
+        rows_syn = n_syn if whole else chunk
+        during("synthetic pass", "activations, teacher (labels.teacher_ce)", rows_syn * per,
+               f"{rows_syn} images x {human(per)} kept for the backward ({cfg.teacher.arch}, teacher.* keys)")
     return MemoryEstimate(tuple(rows), world_size, replicas, shards, tuple(phases))
 
 

@@ -84,6 +84,38 @@ def test_memory_estimate_holds_one_chunk_of_synthetic_activations():
         {k: v for k, v in rows["1000"].items() if k not in moved}
 
 
+def test_memory_estimate_counts_the_teacher_of_the_cross_entropy_term():
+    """labels.teacher_ce > 0: the teacher's activations for the rows of the synthetic pass, per image as many bytes
+    as autograd keeps alive through a batch of 6 real images (measured here, independently of the estimate)."""
+    from csdm_dist.memory import estimate_memory, teacher_kept_bytes
+
+    over = ["dataset=cifar10_lt", "ipc=10", "synthetic.factor=2", "device=cpu", "labels.kind=soft",
+            "teacher.arch=convnet", "teacher.width=16", "teacher.depth=2"]
+    plain = dict((n, b) for n, b, _ in estimate_memory(compose(over), 2, 10000).rows)
+    rows = {}
+    for chunk in ("null", "64"):
+        cfg = compose(over + ["labels.teacher_ce=1", f"distill.syn_chunk={chunk}"])
+        rows[chunk] = dict((n, b) for n, b, _ in estimate_memory(cfg, 2, 10000).rows)
+    per = teacher_kept_bytes(cfg)
+    assert rows["null"]["activations, teacher (labels.teacher_ce)"] == 10 * 10 // 2 * 4 * per  # 200 decoded rows
+    assert rows["64"]["activations, teacher (labels.teacher_ce)"] == 64 * per
+    assert "activations, teacher (labels.teacher_ce)" not in plain
+    assert {k: v for k, v in rows["null"].items() if "teacher" not in k} == plain
+
+    net = build_network("convnet", 3, C, 32, 16, 2, "batchnorm").eval().requires_grad_(False)
+    own = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *net.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() not in own:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(torch.randn(6, 3, 32, 32, requires_grad=True))
+    assert per * 6 == sum(storages.values()) > 6 * 16 * 32 * 32 * 4  # at least the first block's output map
+
+
 def test_a_refusal_names_the_setting_of_its_largest_item():
     from csdm_dist.config import ConfigError
     from csdm_dist.memory import check_fits, estimate_memory
