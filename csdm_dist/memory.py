@@ -109,11 +109,10 @@ def teacher_kept_bytes(cfg: Config) -> int:
     not depend on them), each storage counted once; the weights it saves are the model's own, not counted."""
     import torch
 
-    from .models import build_network
+    from .teacher import teacher_network  # a heavy import (hydra, the evaluation): only for this row
 
-    t, d = cfg.teacher, cfg.dataset
-    net = build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size), t.norm)
-    net.eval().requires_grad_(False)
+    d = cfg.dataset
+    net = teacher_network(cfg).eval().requires_grad_(False)
     x = torch.zeros(1, d.channels, d.image_size, d.image_size, requires_grad=True)
     saved: dict[tuple, int] = {}  # a tensor saved by two ops (a block's output, the next op's input) is kept once
     own = {p.untyped_storage().data_ptr() for p in [*net.parameters(), *net.buffers()]}
@@ -218,15 +217,14 @@ def estimate_memory(cfg: Config, world_size: int, num_real: int, real_batch: int
     else:  # activation checkpointing: one chunk's activations live at a time, plus the decoded images it keeps
         during("synthetic pass", "activations, synthetic", chunk * kept + n_syn * ch_hw * 4,
                f"{chunk} of {decoded} at a time (distill.syn_chunk) x {human(kept)} + the decoded fp32 images")
+    rows_syn = n_syn if whole else chunk  # the rows of one chunk's statistics (and teacher cross-entropy)
     if m:
-        rows_syn = n_syn if whole else chunk
         during("synthetic pass", "statistics, synthetic side",
                statistics_bytes(rows_syn, m) + (n_syn * m * 4 if whole else 0),
                f"min({rows_syn}, {STATS_CHUNK}) rows x 5M x 4 B" +
                (f" + {n_syn} x M x 4 B projections kept for the backward" if whole else ""))
     if cfg.labels.teacher_ce > 0:  # the teacher's cross-entropy runs on the same rows as the statistics
         per = teacher_kept_bytes(cfg)
-        rows_syn = n_syn if whole else chunk
         during("synthetic pass", "activations, teacher (labels.teacher_ce)", rows_syn * per,
                f"{rows_syn} images x {human(per)} kept for the backward ({cfg.teacher.arch}, teacher.* keys)")
     return MemoryEstimate(tuple(rows), world_size, replicas, shards, tuple(phases))

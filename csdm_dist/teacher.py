@@ -138,6 +138,12 @@ class Teacher:
         return prior_shifted(logits, self.counts, prior_adjust)
 
 
+def teacher_network(cfg: Config) -> nn.Module:
+    """The untrained teacher.* network for cfg.dataset (on the CPU, in train mode)."""
+    d, t = cfg.dataset, cfg.teacher
+    return build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size), t.norm)
+
+
 def load_teacher(cfg: Config, manifest: dict, device: torch.device) -> Teacher:
     """The teacher of this config (labels.teacher or the default path), checked against its dataset and network."""
     path = teacher_path(cfg)
@@ -155,8 +161,8 @@ def load_teacher(cfg: Config, manifest: dict, device: torch.device) -> Teacher:
         raise UserError(f"{path} is not a teacher file (written by `python -m csdm_dist.teacher`); set "
                         "labels.teacher to one")
     check_teacher(path, blob["provenance"], teacher_provenance(cfg, manifest))
-    d, t = cfg.dataset, cfg.teacher
-    net = build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size), t.norm)
+    t = cfg.teacher
+    net = teacher_network(cfg)
     net.load_state_dict(blob["state_dict"])
     net = net.to(device).eval()
     for p in net.parameters():
@@ -225,10 +231,9 @@ def cosine_lr(lr: float, step: int, total: int) -> float:
 def fit(cfg: Config, images: Tensor, labels: Tensor, ids: Tensor, counts: list[int], norm: Normalizer,
         rt: Runtime) -> nn.Module:
     """The trained network (on rt.device); every rank returns the same weights."""
-    d, t = cfg.dataset, cfg.teacher
+    t = cfg.teacher
     g = rng.generator(cfg.seed, rng.TEACHER)
-    net = reinit_(build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size),
-                                t.norm), g).to(rt.device).train()
+    net = reinit_(teacher_network(cfg), g).to(rt.device).train()
     ddp = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
     n, world = len(labels), rt.world_size
