@@ -334,7 +334,10 @@ def differences(want: dict, have: dict, prefix: str = "") -> list[str]:
 def seed_result(seed: int, res: dict) -> dict:
     acc, cfg = res["accuracy"], res["config"]
     return {"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"], "medium": acc["medium"],
-            "few": acc["few"], "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
+            "few": acc["few"], "per_class": acc["per_class"],
+            # which classes each class's test images were taken for (runs from before it was recorded: None)
+            "confused_with": acc.get("confused_with"),
+            "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
             "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
             "settings": settings_of(cfg, res.get("precision"))}
 

@@ -4,7 +4,8 @@ Protocols (DESIGN.md section 7):
 - `dm`: SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half the epochs, differentiable augmentation.
 - `ncfm`: AdamW lr 1e-3, lr x0.5 at 20/40/60/80 % of the epochs, augmentation + CutMix.
 Repeats are spread over all ranks (repeat r on rank r mod world) and gathered. Reported: mean and std over
-repeats of the last-epoch accuracy, the best tested epoch, per-class accuracy and many / medium / few groups.
+repeats of the last-epoch accuracy, the best tested epoch, per-class accuracy, the classes each class is mistaken
+for (top_confusions) and many / medium / few groups.
 
 Entry point: `python -m csdm_dist.evaluate distilled=<run>/distilled.pt [eval.repeats=...]`. A distilled.pt
 stores its images as they are kept (multi-formation: f x f tiles each, key "factor"; absent in older files,
@@ -73,25 +74,47 @@ def _cutmix(x: Tensor, y: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, T
 
 
 @torch.no_grad()
-def test_accuracy(net: torch.nn.Module, test_x: Tensor, test_y: Tensor, norm, num_classes: int, batch: int,
-                  device: torch.device) -> Tensor:
-    """Per-class accuracy [num_classes] on the (uint8) test set."""
+def test_confusion(net: torch.nn.Module, test_x: Tensor, test_y: Tensor, norm, num_classes: int, batch: int,
+                   device: torch.device) -> Tensor:
+    """Confusion counts [num_classes, num_classes] on the (uint8) test set: row = true class, column = predicted."""
     net.eval()
-    correct = torch.zeros(num_classes, device=device)
+    counts = torch.zeros(num_classes * num_classes, device=device)
     for i in tqdm(range(0, len(test_y), batch), desc=f"test ({len(test_y)} images)", unit="batch", leave=False,
                   dynamic_ncols=True):
         x = norm(test_x[i:i + batch].to(device))
         y = test_y[i:i + batch].to(device)
-        correct += torch.bincount(y[net(x).argmax(1) == y], minlength=num_classes).float()
+        counts += torch.bincount(y * num_classes + net(x).argmax(1), minlength=num_classes * num_classes).float()
     net.train()
-    return correct / torch.bincount(test_y.to(device), minlength=num_classes).clamp_min(1).float()
+    return counts.view(num_classes, num_classes)
+
+
+def class_accuracy(confusion: Tensor) -> Tensor:
+    """Per-class accuracy (recall) [C] of confusion counts [C, C]; 0 for a class with no test images."""
+    return confusion.diagonal() / confusion.sum(1).clamp_min(1)
+
+
+def test_accuracy(net: torch.nn.Module, test_x: Tensor, test_y: Tensor, norm, num_classes: int, batch: int,
+                  device: torch.device) -> Tensor:
+    """Per-class accuracy [num_classes] on the (uint8) test set."""
+    return class_accuracy(test_confusion(net, test_x, test_y, norm, num_classes, batch, device))
+
+
+def top_confusions(confusion: Tensor, k: int = 3) -> list[list[list]]:
+    """For each true class, the (at most k) other classes its test images were most often predicted as, as
+    [class, % of that class's test images], largest first; classes never predicted are left out. confusion: [C, C]
+    counts (summed over networks, which the row sums then include)."""
+    rate = 100 * confusion / confusion.sum(1, keepdim=True).clamp_min(1)
+    rate.fill_diagonal_(0)
+    top = rate.topk(min(k, rate.shape[1]), dim=1)
+    return [[[int(j), float(v)] for v, j in zip(vals, idx) if v > 0] for vals, idx in zip(top.values, top.indices)]
 
 
 def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, num_classes: int,
                    cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, repeat: int,
                    device: torch.device, desc: str, soft: Optional[Tensor] = None, temperature: Optional[float] = None,
-                   relabel: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """One repeat: (per-class accuracy at the last epoch, at the best tested epoch).
+                   relabel: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One repeat: (per-class accuracy at the last epoch, at the best tested epoch, the last epoch's confusion
+    counts [C, C]).
 
     Soft track: `soft` [N, C] logits of the images (KD at `temperature`), or `relabel(x)` -> the teacher's logits
     of each augmented batch; neither: hard labels. The random draws are the same on every track."""
@@ -145,9 +168,10 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
             opt.step()
         sched.step()
         if epoch in test_at:
-            last = test_accuracy(net, test_x, test_y, norm, num_classes, cfg.test_batch_size, device)
+            confusion = test_confusion(net, test_x, test_y, norm, num_classes, cfg.test_batch_size, device)
+            last = class_accuracy(confusion)
             best = last if best is None or last.mean() > best.mean() else best
-    return last, best
+    return last, best, confusion
 
 
 def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, counts: list[int],
@@ -167,14 +191,18 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
         raise ValueError(f"soft labels of shape {list(soft.shape)} for {len(labels)} images of {len(counts)} classes")
     c = len(counts)
     acc = torch.zeros(2, cfg.repeats, c, device=device)
+    confusion = torch.zeros(c, c, device=device)  # summed over the repeats
     for r in range(rank, cfg.repeats, world):
-        last, best = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed, r,
-                                    device, desc=f"eval {name} {r + 1}/{cfg.repeats}", soft=soft,
-                                    temperature=temperature, relabel=relabel)
+        last, best, conf = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed,
+                                          r, device, desc=f"eval {name} {r + 1}/{cfg.repeats}", soft=soft,
+                                          temperature=temperature, relabel=relabel)
         acc[0, r], acc[1, r] = last, best
+        confusion += conf
     if dist.is_initialized() and world > 1:
         dist.all_reduce(acc)  # each repeat was filled by exactly one rank
+        dist.all_reduce(confusion)
     out = summarise(acc[0].cpu(), acc[1].cpu(), counts)
+    out["confused_with"] = top_confusions(confusion.cpu())
     out["train_images"] = len(labels)  # what the networks trained on (the decoded count under multi-formation)
     out["labels"], out["relabel"], out["arch"] = track, cfg.relabel, cfg.arch  # the track and network, reported apart
     out["hard_weight"] = cfg.hard_weight if track == "soft" else None

@@ -8,6 +8,7 @@ Fashion-MNIST-LT (118 train images, IF 10) built once per module into several We
   and same per-step losses up to fp32 summation order, also when the shard count is not a multiple of the ranks,
   with multi-formation (synthetic.factor=2, distill.init=mix: each rank decodes its own stored images), and with
   the teacher's cross-entropy term of a soft-label set (labels.teacher_ce, each rank's own decoded images);
+- evaluation spread over 2 ranks (one network each) gathers what 1 rank training both networks reports;
 - every real training sample is held by exactly one rank (2 ranks; 3 ranks on 2 shards, where one rank holds
   none), and a distillation with an empty rank runs to the end with every rank taking every step;
 - a 2-rank run stopped and resumed from its checkpoint ends exactly where an uninterrupted one does; each rank
@@ -328,6 +329,31 @@ GATHER_IDS = textwrap.dedent("""
     close_distributed()
 """)
 
+
+
+def test_evaluation_spread_over_two_ranks_equals_one_rank(one_rank, tmp_path):
+    """`python -m csdm_dist.evaluate` under torchrun: repeat r trains on rank r mod 2, and the gathered accuracies
+    and confusions are those of one process training both networks (each repeat has its own seeded stream)."""
+    import shutil
+
+    acc = {}
+    for nproc in (0, 2):
+        run = tmp_path / f"eval-{nproc}"
+        run.mkdir()
+        shutil.copy(one_rank("even", K) / "distilled.pt", run)
+        over = [f"distilled={run / 'distilled.pt'}", "eval.repeats=2", "eval.epochs=2", "device=cpu"]
+        cmd = ([PYTHON, "-m", "csdm_dist.evaluate", *over] if nproc == 0 else
+               [TORCHRUN, f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                "-m", "csdm_dist.evaluate", *over])
+        run_ok(cmd, tmp_path / f"eval-{nproc}.console.log")
+        (record,) = run.glob("eval-*.json")
+        acc[nproc] = json.loads(record.read_text())["accuracy"]
+    one, two = acc[0], acc[2]
+    assert one["repeats"] == two["repeats"] == 2
+    assert two["per_repeat"] == pytest.approx(one["per_repeat"], abs=1e-4)  # both networks, gathered from 2 ranks
+    assert two["per_class"] == pytest.approx(one["per_class"], abs=1e-4)
+    assert two["confused_with"] == one["confused_with"]  # the confusion counts, summed over the ranks
+    assert sum(rate for wrong in one["confused_with"] for _, rate in wrong) > 0  # something was mistaken
 
 @pytest.mark.parametrize("name,nproc", [("even", 2), ("odd", 2), ("two", 3)])
 def test_real_data_exactly_once(datasets, tmp_path, name, nproc):

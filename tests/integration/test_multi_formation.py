@@ -29,6 +29,10 @@ def test_factor_two_mix_run_stores_tiles_and_evaluates_the_decoded_set(data_over
     assert blob["labels"].tolist() == [c for c in range(10) for _ in "ab"]
     assert res["accuracy"]["train_images"] == 10 * 2 * 4  # trained on ipc * f^2 decoded images per class
     assert res["baseline_random"]["train_images"] == 10 * 2  # the baseline: ipc real images per class
+    acc = res["accuracy"]
+    assert len(acc["confused_with"]) == 10  # per true class: the classes its test images were taken for
+    for c, (right, wrong) in enumerate(zip(acc["per_class"], acc["confused_with"])):
+        assert all(j != c and 0 < rate <= 100 - right + 1e-3 for j, rate in wrong)  # at most what it got wrong
     with Image.open(out / "synthetic.png") as png:  # the stored images, ipc per row: 2 x 10 tiles of 28 + 2 px
         assert png.size == (2 * 30 + 2, 10 * 30 + 2)
     acc = evaluate_file(out / "distilled.pt", {"epochs": 1, "repeats": 1}, "cpu")
