@@ -334,7 +334,7 @@ def differences(want: dict, have: dict, prefix: str = "") -> list[str]:
 def seed_result(seed: int, res: dict) -> dict:
     acc, cfg = res["accuracy"], res["config"]
     return {"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"], "medium": acc["medium"],
-            "few": acc["few"], "per_class": acc["per_class"],
+            "few": acc["few"], "per_class": acc["per_class"], "class_names": res.get("class_names"),
             # which classes each class's test images were taken for (runs from before it was recorded: None)
             "confused_with": acc.get("confused_with"),
             "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
@@ -412,6 +412,9 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
         if "csdm" in methods and len(methods) > 1:
             lines += ["", "csdm minus each other method, overall accuracy in points (paired by seed):", ""]
             lines += [f"- IF {imb:g}: {margin(cell, imb, methods)}" for imb in ifs if (imb, "csdm") in cell]
+            lines += [f"- IF {imb:g}, few group: {margin(cell, imb, methods, 'few')}" for imb in ifs
+                      if (imb, "csdm") in cell]
+        lines += per_class_markdown(part)
         curves = [r for r in part if r["accuracy_at_steps"]]
         if curves:
             steps = sorted({k for r in curves for k in r["accuracy_at_steps"]}, key=int)
@@ -494,15 +497,34 @@ def settings_line(part: list[dict]) -> list[str]:
     return [text + ("" if same else " (rows differ: see the JSON)") + ".", ""]
 
 
-def margin(cell: dict, imb: float, methods: list[str]) -> str:
-    """csdm minus every other method at one IF, overall and per seed (paired: same seed, same real data)."""
+def margin(cell: dict, imb: float, methods: list[str], key: str = "mean") -> str:
+    """csdm minus every other method at one IF, in `key` (overall: mean; or a group: many, medium, few), as the
+    mean and per seed (paired: same seed, same real data, same starting images)."""
     ours, parts = cell[imb, "csdm"], []
     others = sorted((m for m in methods if m != "csdm" and (imb, m) in cell), key=lambda m: -cell[imb, m]["mean"])
     for m in others:
-        paired = dict(zip(cell[imb, m]["seeds"], cell[imb, m]["accuracy"]))
-        per_seed = [f"{a - paired[k]:+.2f}" for k, a in zip(ours["seeds"], ours["accuracy"]) if k in paired]
-        parts.append(f"csdm - {m} = {ours['mean'] - cell[imb, m]['mean']:+.2f} (per seed: {', '.join(per_seed)})")
+        paired = {s["seed"]: s[key] for s in cell[imb, m]["per_seed"]}
+        per_seed = [f"{s[key] - paired[s['seed']]:+.2f}" for s in ours["per_seed"] if s["seed"] in paired]
+        parts.append(f"csdm - {m} = {ours[key] - cell[imb, m][key]:+.2f} (per seed: {', '.join(per_seed)})")
     return "; ".join(parts)
+
+
+def per_class_markdown(part: list[dict]) -> list[str]:
+    """Each class's test recall (mean over a row's seeds) for the rows whose every seed recorded it, classes in
+    their long-tailed order (head first), named where the runs recorded the names, else by index."""
+    rows = [r for r in part if all(s.get("per_class") for s in r["per_seed"])]
+    if not rows:
+        return []
+    names = {tuple(s.get("class_names") or ()) for r in rows for s in r["per_seed"]}
+    header = list(names.pop()) if len(names) == 1 and () not in names else None
+    n = len(rows[0]["per_seed"][0]["per_class"])
+    lines = ["", "Per-class recall, % (mean over each row's seeds; classes in long-tailed order, head first"
+             + ("" if header else "; these runs did not record class names: long-tailed indices") + "):", "",
+             "| IF | method | " + " | ".join(header or map(str, range(n))) + " |", "|---|---" + "|---" * n + "|"]
+    for r in rows:
+        mean = [statistics.fmean(s["per_class"][c] for s in r["per_seed"]) for c in range(n)]
+        lines.append(f"| {r['imbalance_factor']:g} | {r['method']} | " + " | ".join(f"{v:.1f}" for v in mean) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     purge = None if action == rundir.FRESH else (0 if state.steps is None else state.steps + 1)
     distiller.logger = logger = make_logger(run_dir / "tb", rt.is_main, purge_step=purge)
     try:
-        results = distil_and_evaluate(cfg, rt, distiller, picked, counts, logger, stop, teacher)
+        results = distil_and_evaluate(cfg, rt, distiller, picked, counts, manifest["class_names"], logger, stop,
+                                      teacher)
     finally:
         logger.close()
     if rt.is_main and not results.get("preempted"):
@@ -169,7 +170,8 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
 
 
 def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: torch.Tensor, counts: list[int],
-                        logger, stop: StopSignal | None, teacher: Teacher | None = None) -> dict:
+                        class_names: list[str], logger, stop: StopSignal | None,
+                        teacher: Teacher | None = None) -> dict:
     run_dir = Path(cfg.out_dir)
     logger.text("run/real_source", cfg.real_source, 0)
     labels = torch.arange(cfg.dataset.num_classes * cfg.ipc) // cfg.ipc
@@ -199,7 +201,7 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
                "real_source": cfg.real_source, "labels": cfg.eval.labels, "relabel": cfg.eval.relabel,
                "world_size": rt.world_size, "hardware": hardware(rt.device), "class_counts": counts,
-               "precision": distiller.extractor.precision,
+               "class_names": class_names, "precision": distiller.extractor.precision,
                "timing": {"distill_s": distiller.elapsed_s, "step_ms_median": distiller.step_ms_median(),
                           "steps": distiller.step}}
     if soft is not None:

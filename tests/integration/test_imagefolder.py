@@ -238,6 +238,7 @@ def test_distil_an_image_folder(raw, natural, tmp_path):
     cfg, res = distil(over)
     assert cfg.dataset.mean == m["mean"] and cfg.dataset.std == m["std"]  # resolved once, at start-up
     assert res["class_counts"] == m["train"]["counts"] and res["timing"]["steps"] == 3
+    assert res["class_names"] == m["class_names"]  # the folder names, in the long-tailed order: tables name them
     assert 0 <= res["accuracy"]["mean"] <= 100 and len(res["accuracy"]["per_class"]) == 3
     blob = torch.load(tmp_path / "run" / "distilled.pt", weights_only=False)
     assert blob["mean"] == m["mean"] and blob["images"].shape == (6, 3, 16, 16)

@@ -107,9 +107,31 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
     assert ("IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10); csdm - dm = +1.45 (per seed: +1.50, +1.40)"
             in table)
     assert "200 steps, factor 2, init mix" in table and "| 10 | csdm | 78.70 | 80.70 |" in table
+    assert "Per-class recall" not in table  # these seeds recorded no per-class recall: no table
     mixed = [dict(s, settings={**SETTINGS, "factor": 1}) if s["seed"] else s for s in rows[0]["per_seed"]]
     with pytest.raises(SystemExit, match="different settings"):
         quality.cell_row("hardtail", 10.0, 10, "dm", "hard", "convnet", mixed)
+
+
+def test_quality_pairs_the_few_group_by_seed_and_tables_per_class_recall_by_name_or_index():
+    import quality
+
+    def cell(method, few, recall, names=("Bag", "Coat", "Shirt")):
+        seeds = [{"seed": k, "mean": 80.0, "std": 0.1, "many": 90.0, "medium": 80.0, "few": f, "distill_s": 1.0,
+                  "eval_s": 1.0, "at_steps": {}, "settings": SETTINGS, "per_class": r, "class_names": names}
+                 for k, (f, r) in enumerate(zip(few, recall))]
+        return quality.cell_row("hardtail", 100.0, 1, method, "hard", "convnet", seeds)
+
+    rows = [cell("dm", [50.0, 60.0], [[90.0, 70.0, 20.0], [92.0, 66.0, 40.0]]),
+            cell("csdm", [56.0, 59.0], [[91.0, 62.0, 50.0], [93.0, 64.0, 45.0]])]
+    args = type("Args", (), {"seeds": [0, 1], "labels": "hard", "split": "test"})
+    table = quality.markdown(rows, args, "full", [])
+    assert "- IF 100, few group: csdm - dm = +2.50 (per seed: +6.00, -1.00)" in table
+    assert "| IF | method | Bag | Coat | Shirt |" in table
+    assert "| 100 | dm | 91.0 | 68.0 | 30.0 |" in table and "| 100 | csdm | 92.0 | 63.0 | 47.5 |" in table
+    rows[0]["per_seed"][1]["class_names"] = None  # a run from before names were recorded: indices, said so
+    table = quality.markdown(rows, args, "full", [])
+    assert "did not record class names" in table and "| IF | method | 0 | 1 | 2 |" in table
 
 
 def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(tmp_path, capsys):
