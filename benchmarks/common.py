@@ -7,7 +7,6 @@ and builds the Distiller. Speed does not depend on pixel values, so the timings 
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -219,7 +218,9 @@ def devices_for(device: str, script: str) -> list[str]:
 def write_report(path: Path | None, payload: dict, quiet: bool = False) -> None:
     """The benchmark's JSON report at `path` (parents created), when one was asked for."""
     if path is not None:
+        from csdm_dist.files import write_json  # whole or not at all: --merge rewrites tables built over sessions
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1))
+        write_json(path, payload)
         if not quiet:
             print(f"wrote {path}")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from common import CONFIGS, compose, machine_info, write_report
 
+from csdm_dist import files
 from csdm_dist.config import ARCHS, DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     for path in [out / "quality.json", args.results]:
         if path is not None:
             path.with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".md").write_text(table + "\n")
+            files.write_text(path.with_suffix(".md"), table + "\n")
             write_report(path, report)
     return report
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
+from . import files
 from .errors import RunDirError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -31,9 +32,8 @@ def save(root: Path, step: int, rank: int, write: Callable[[Path], None], meta: 
     write(path)
     dist.barrier()
     if rank == 0:
-        tmp = path / "meta.json.tmp"  # meta.json marks the folder complete: it must appear whole or not at all
-        tmp.write_text(json.dumps({**meta, "step": step}, indent=1))
-        tmp.replace(path / "meta.json")
+        # meta.json marks the folder complete: it must appear whole or not at all
+        files.write_json(path / "meta.json", {**meta, "step": step})
         for old in complete_steps(root, meta.get("config_hash"))[:-keep]:  # never another run's
             shutil.rmtree(step_dir(root, old))
     dist.barrier()

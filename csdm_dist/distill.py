@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from . import checkpoint, formation, rng, rundir
+from . import checkpoint, files, formation, rng, rundir
 from .cluster import multirun_flag_first
 from .config import Config, ConfigError, register_configs, to_config
 from .errors import EXIT_STOPPED, Interrupted, one_line_errors
@@ -193,9 +193,9 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
     if cfg.labels.kind == "soft":  # the teacher's logits of every decoded image, in decoded order, prior-shifted
         soft = teacher.logits(formation.decode(final, cfg.synthetic.factor), cfg.labels.prior_adjust).cpu()
     if rt.is_main:  # the stored images (ipc per class) and their factor: formation.decode_set gives the samples
-        torch.save({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor, "class_counts": counts,
-                    "config": asdict(cfg), "mean": cfg.dataset.mean, "std": cfg.dataset.std,
-                    **soft_label_record(cfg, soft, teacher)}, run_dir / "distilled.pt")
+        files.save_torch({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor,
+                          "class_counts": counts, "config": asdict(cfg), "mean": cfg.dataset.mean, "std": cfg.dataset.std,
+                          **soft_label_record(cfg, soft, teacher)}, run_dir / "distilled.pt")
         save_image(distiller.norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
@@ -230,7 +230,7 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
         results["timing"]["eval_at_steps_s"] = at_steps.seconds
     results["peak_memory"] = peak_memory_mb(rt.device)
     if rt.is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        files.write_json(run_dir / "results.json", results)
         print(results_table(results, cfg))
         print(f"\nrun directory: {run_dir}\nTensorBoard:   {tensorboard_command(run_dir)}")
     return results
@@ -298,7 +298,7 @@ class AtSteps:
         for g in ("mean", "many", "medium", "few"):
             self.logger.scalar(f"eval/{'accuracy' if g == 'mean' else g}", acc[g], step)
         if self.rt.is_main:
-            self.path.write_text(json.dumps(self.done, indent=1))
+            files.write_json(self.path, self.done)
             log.info("step %d: %s accuracy %.2f %% (%s split)", step, self.cfg.method.name, acc["mean"],
                      self.cfg.eval.split)
 

@@ -20,7 +20,6 @@ picks the network (convnet, resnet18, vgg11, alexnet: models.build_network) for 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import typing
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from . import formation, rng
+from . import files, formation, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import EvalConfig, ExtractorConfig
 from .models import build_network, reinit_
@@ -303,9 +302,8 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
                            temperature=temperature, relabel=relabel)
         if rt.is_main:
             out = path.parent / eval_record_name(ev)
-            out.write_text(json.dumps({"distilled": str(path), "eval": vars(ev), "labels": ev.labels,
-                                       "temperature": temperature, "accuracy": acc,
-                                       "eval_s": time.perf_counter() - t0}, indent=1))
+            files.write_json(out, {"distilled": str(path), "eval": vars(ev), "labels": ev.labels,
+                                   "temperature": temperature, "accuracy": acc, "eval_s": time.perf_counter() - t0})
             track = ev.labels + (" (online relabelling)" if relabel is not None else "")
             print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats, "
                   f"labels: {track}, {ev.arch}\n"

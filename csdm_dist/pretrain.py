@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from . import rng
+from . import files, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import Config, register_configs, to_config
 from .data.normalization import resolve_normalization
@@ -80,9 +80,7 @@ def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     path = Path(cfg.extractor.pool_path) if cfg.extractor.pool_path else default_pool_path(cfg)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor)}, tmp)
-        tmp.replace(path)
+        files.save_torch({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor)}, path)
         print(f"wrote a pool of {k_total} to {path}\nuse it with: extractor.mode=pool extractor.pool_path={path}")
     return path
 

@@ -12,7 +12,6 @@ Only rank 0 looks and acts; the others take its decision (one broadcast).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, files
 from .errors import RunDirError, read_json_record
 
 RUN_RECORD = "run.json"
@@ -123,9 +122,7 @@ def write_status(run_dir: Path, config_hash: str, status: str) -> None:
     old = _read_json(path) or {}
     record = {"config_hash": config_hash, "status": status, "created": old.get("created", time.time()),
               "updated": time.time()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    files.write_json(path, record)
 
 
 def claim(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iterations: int,

@@ -19,7 +19,6 @@ eval.relabel=online) refuses a teacher made for another build, network or loss, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pickle
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import formation, rng
+from . import files, formation, rng
 from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config, ConfigError, register_configs, to_config
 from .data.normalization import resolve_normalization
@@ -309,17 +308,15 @@ def train_teacher(cfg: Config, rt: Runtime) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             log.info("replacing the teacher at %s", path)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"kind": TEACHER_KIND, "format": TEACHER_FORMAT, "provenance": prov,
-                    "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                    "teacher": asdict(cfg.teacher), "seed": cfg.seed, "accuracy": acc}, tmp)
-        tmp.replace(path)
+        files.save_torch({"kind": TEACHER_KIND, "format": TEACHER_FORMAT, "provenance": prov,
+                          "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                          "teacher": asdict(cfg.teacher), "seed": cfg.seed, "accuracy": acc}, path)
         record = {"teacher": str(path), "sha256": file_sha256(path), "provenance": prov,
                   "teacher_config": asdict(cfg.teacher), "seed": cfg.seed, "world_size": rt.world_size,
                   "split": "test", "accuracy": acc, "accuracy_decoded": decoded, "bn_pass": {"per_class": per_class, "batches": bn_batches},
                   "timing": {"train_s": t1 - t0, "bn_s": t2 - t1, "test_s": time.perf_counter() - t2},
                   "git_commit": git_commit(), "hardware": hardware(rt.device)}
-        results_path(path).write_text(json.dumps(record, indent=1))
+        files.write_json(results_path(path), record)
         use = f"labels.teacher={path}" if cfg.labels.teacher else "(the default path of these teacher.* settings)"
         print(f"wrote the teacher to {path}\ntest accuracy {acc['mean']:.2f} (many {acc['many']:.2f}, medium "
               f"{acc['medium']:.2f}, few {acc['few']:.2f}); {results_path(path)}\n"

@@ -1,0 +1,44 @@
+"""Files that appear whole or not at all.
+
+Every record a run or a benchmark writes (distilled.pt, results.json, evaluation records, teachers, the
+benchmarks' JSON) goes through `write_atomic`: the content is written to a temporary file beside the target and
+renamed onto it, so a process killed mid-write (a time limit, a preemption that outlives its grace period, an
+out-of-memory kill, Ctrl-C) leaves the previous file or none, never a truncated one that a resumed run, `--reuse`
+or `--merge` would then fail on or lose rows to. The rename is atomic on one POSIX file system; there is no
+fsync, so this protects against a killed process, not against losing the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def write_atomic(path: Path | str, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` writes the whole file at `tmp`, a name beside `path`; then tmp replaces `path`. If `write`
+    raises (or the process is interrupted), `path` is left as it was and tmp is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden, and one per process
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path | str, obj: Any, indent: int | None = 1) -> Path:
+    """json.dumps first, so an object that does not serialise raises before anything is written."""
+    return write_text(path, json.dumps(obj, indent=indent))
+
+
+def save_torch(obj: Any, path: Path | str) -> Path:
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))

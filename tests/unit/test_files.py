@@ -1,0 +1,72 @@
+"""csdm_dist.files: a record is the old file or the new one, never a part, whatever happens while it is written."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from csdm_dist import files
+
+
+def test_write_json_and_save_torch_replace_the_file_and_leave_no_temporary(tmp_path):
+    path = tmp_path / "results.json"
+    files.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 2, "b": [1.5]})
+    assert json.loads(path.read_text()) == {"a": 2, "b": [1.5]}
+    blob = tmp_path / "distilled.pt"
+    files.save_torch({"images": torch.arange(6.0).view(2, 3)}, blob)
+    assert torch.equal(torch.load(blob)["images"], torch.arange(6.0).view(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distilled.pt", "results.json"]
+
+
+def test_a_writer_that_fails_half_way_leaves_the_old_file(tmp_path):
+    path = tmp_path / "quality.json"
+    path.write_text('{"rows": [1, 2, 3]}')
+
+    def half_then_fail(tmp):
+        tmp.write_text('{"rows": [1, 2')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.write_atomic(path, half_then_fail)
+    with pytest.raises(TypeError):  # not serialisable: fails before anything is written
+        files.write_json(path, {"rows": object()})
+    assert path.read_text() == '{"rows": [1, 2, 3]}'
+    assert [p.name for p in tmp_path.iterdir()] == ["quality.json"]
+
+
+def test_a_process_killed_while_writing_leaves_the_old_file(tmp_path):
+    """SIGKILL (a time limit, an out-of-memory kill) in the middle of a write: the reader sees the old record."""
+    path, started = tmp_path / "results.json", tmp_path / "started"
+    path.write_text('{"old": true}')
+    code = f"""
+import time
+from pathlib import Path
+from csdm_dist import files
+def slow(tmp):
+    with open(tmp, "w") as f:
+        f.write('{{"new": ')
+        f.flush()
+        Path({str(started)!r}).touch()
+        time.sleep(60)
+        f.write('true}}')
+files.write_atomic(Path({str(path)!r}), slow)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, "the writer exited before it started writing"
+            assert time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads(path.read_text()) == {"old": True}
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("results.json", "started")]
+    assert leftovers == [f".results.json.tmp-{proc.pid}"]  # hidden, named by the writer's pid; never read
