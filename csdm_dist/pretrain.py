@@ -34,7 +34,9 @@ def default_pool_path(cfg: Config) -> Path:
 
 
 def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor, norm: Normalizer,
-                 device: torch.device) -> tuple[dict, dict]:
+                 device: torch.device) -> dict:
+    """{"init", "trained": parameters, "history": per epoch, the mean training loss and accuracy (%) over its
+    augmented batches, to tell whether pool_epochs trained the member to convergence}."""
     d, e = cfg.dataset, cfg.extractor
     g = rng.generator(cfg.seed, k, rng.EXTRACTOR, 1_000_003)
     net = reinit_(build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth_at(d.image_size), e.norm), g)
@@ -45,21 +47,32 @@ def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor
     per_epoch = -(-len(labels) // batch)
     bar = tqdm(total=e.pool_epochs * per_epoch, desc=f"pretrain member {k + 1}/{e.pool_size}", unit="batch",
                dynamic_ncols=True)  # progress inside each epoch: one epoch of a large set takes minutes on a CPU
+    history = []
     for epoch in range(e.pool_epochs):
-        bar.set_postfix(epoch=f"{epoch + 1}/{e.pool_epochs}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{e.pool_epochs}", **({"loss": f"{history[-1]['loss']:.3f}"} if history else {}))
         perm = torch.randperm(len(labels), generator=g).to(device)
+        loss_sum = correct = torch.zeros((), device=device)
         for i in range(0, len(labels), batch):
             bar.update()
             idx = perm[i:i + batch]
             op = OPS[int(torch.randint(len(OPS), (1,), generator=g))]
             x = augment(norm(images[idx]), op, torch.rand(len(idx), NUM_UNIFORMS, generator=g))
-            loss = F.cross_entropy(net(x), labels[idx])
+            logits = net(x)
+            loss = F.cross_entropy(logits, labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum = loss_sum + loss.detach() * len(idx)
+            correct = correct + (logits.detach().argmax(1) == labels[idx]).sum()
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum) / len(labels),  # host sync once per epoch
+                        "accuracy": 100.0 * float(correct) / len(labels)})
     bar.close()
+    if history:
+        log.info("pool member %d: epoch %d training loss %.4f, accuracy %.2f %% (epoch %d: %.4f)", k,
+                 history[-1]["epoch"], history[-1]["loss"], history[-1]["accuracy"], history[0]["epoch"],
+                 history[0]["loss"])
     trained = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
-    return init, trained
+    return {"init": init, "trained": trained, "history": history}
 
 
 def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
@@ -71,8 +84,7 @@ def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     k_total = cfg.extractor.pool_size
     members: list[dict | None] = [None] * k_total
     for k in range(rank, k_total, world):
-        init, trained = train_member(cfg, k, images, labels, norm, device)
-        members[k] = {"init": init, "trained": trained}
+        members[k] = train_member(cfg, k, images, labels, norm, device)
     if world > 1:
         gathered: list[list] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, members)
@@ -81,7 +93,11 @@ def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         files.save_torch({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor)}, path)
-        print(f"wrote a pool of {k_total} to {path}\nuse it with: extractor.mode=pool extractor.pool_path={path}")
+        last = [m["history"][-1] for m in members if m["history"]]
+        fit = (f"; last epoch's training loss {min(h['loss'] for h in last):.4f} to {max(h['loss'] for h in last):.4f}, "
+               f"accuracy {min(h['accuracy'] for h in last):.2f} to {max(h['accuracy'] for h in last):.2f} %"
+               if last else "")
+        print(f"wrote a pool of {k_total} to {path}{fit}\nuse it with: extractor.mode=pool extractor.pool_path={path}")
     return path
 
 

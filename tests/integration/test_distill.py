@@ -73,7 +73,7 @@ def test_evaluate_entry_on_a_distilled_file(data_overrides, tmp_path):
 
 def test_pool_extractor_pretrain_then_distil(data_overrides, tmp_path):
     pool = tmp_path / "pool.pt"
-    cfg = to_config(compose_cfg(data_overrides + TINY + ["extractor.pool_size=2", "extractor.pool_epochs=1",
+    cfg = to_config(compose_cfg(data_overrides + TINY + ["extractor.pool_size=2", "extractor.pool_epochs=2",
                                                          f"extractor.pool_path={pool}"], name="pretrain"))
     rt = init_distributed("cpu")
     try:
@@ -84,6 +84,10 @@ def test_pool_extractor_pretrain_then_distil(data_overrides, tmp_path):
     assert len(members) == 2
     name = next(iter(members[0]["init"]))
     assert not torch.equal(members[0]["init"][name], members[0]["trained"][name])
+    for m in members:  # each member's training curve, to tell whether pool_epochs was enough
+        assert [h["epoch"] for h in m["history"]] == [1, 2]
+        assert all(h["loss"] > 0 and 0 <= h["accuracy"] <= 100 for h in m["history"])
+        assert m["history"][1]["loss"] < m["history"][0]["loss"]
     _, res = distil(data_overrides + TINY + ["extractor.mode=pool", f"extractor.pool_path={pool}",
                                             "distill.iterations=2", "evaluate=false", f"out_dir={tmp_path / 'r'}"])
     assert res["timing"]["steps"] == 2
