@@ -21,7 +21,8 @@ epochs, repeats, split and label track). Every row names its `arch`.
 
 Each cell reports the mean and std over seeds of each seed's mean over evaluation repeats, the many / medium / few
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
-difference to every other method, seed by seed (same seed: same real data, same starting images).
+difference to every other method, seed by seed (same seed: same real data, same starting images), with the 95 %
+t interval of the mean difference over two or more paired seeds (`paired_interval`).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
 invocation would run (else it stops and says which keys differ). `--merge` combines this invocation's cells with
 those already in `--results`, seed by seed: a table built over sessions whose run directories are gone (each row and
@@ -498,15 +499,36 @@ def settings_line(part: list[dict]) -> list[str]:
     return [text + ("" if same else " (rows differ: see the JSON)") + ".", ""]
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (1 to 30); beyond, the normal 1.96
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
+    """The 95 % confidence interval of the mean of paired differences (one per seed): mean +- t * sd / sqrt(n),
+    t of n - 1 degrees of freedom. None below two seeds. With three seeds t is 4.30: the interval is wide, and an
+    interval that excludes 0 is the evidence a margin needs."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    half = (T95[n - 2] if n - 1 <= len(T95) else 1.96) * statistics.stdev(diffs) / n ** 0.5
+    mean = statistics.fmean(diffs)
+    return mean - half, mean + half
+
+
 def margin(cell: dict, imb: float, methods: list[str], key: str = "mean") -> str:
     """csdm minus every other method at one IF, in `key` (overall: mean; or a group: many, medium, few), as the
-    mean and per seed (paired: same seed, same real data, same starting images)."""
+    mean, per seed (paired: same seed, same real data, same starting images) and, over two or more paired seeds,
+    the 95 % confidence interval of the paired mean."""
     ours, parts = cell[imb, "csdm"], []
     others = sorted((m for m in methods if m != "csdm" and (imb, m) in cell), key=lambda m: -cell[imb, m]["mean"])
     for m in others:
         paired = {s["seed"]: s[key] for s in cell[imb, m]["per_seed"]}
-        per_seed = [f"{s[key] - paired[s['seed']]:+.2f}" for s in ours["per_seed"] if s["seed"] in paired]
-        parts.append(f"csdm - {m} = {ours[key] - cell[imb, m][key]:+.2f} (per seed: {', '.join(per_seed)})")
+        diffs = [s[key] - paired[s["seed"]] for s in ours["per_seed"] if s["seed"] in paired]
+        ci = paired_interval(diffs)
+        parts.append(f"csdm - {m} = {ours[key] - cell[imb, m][key]:+.2f} (per seed: "
+                     f"{', '.join(f'{d:+.2f}' for d in diffs)}"
+                     + ("" if ci is None else f"; 95 % CI {ci[0]:+.2f} to {ci[1]:+.2f}") + ")")
     return "; ".join(parts)
 
 

@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_benchmarks.py -q
 """
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -82,6 +83,18 @@ def test_quality_aggregate_over_seeds_and_single_seed():
     assert math.isclose(two["std"], math.sqrt(2.0)) and two["std_over"] == "seeds" and two["num_seeds"] == 2
 
 
+def test_quality_paired_interval_is_the_t_interval_of_the_mean_difference():
+    import quality
+
+    assert quality.paired_interval([1.5]) is None  # one paired seed: no interval
+    lo, hi = quality.paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303
+    assert math.isclose(lo, 2 - 4.303 / math.sqrt(3)) and math.isclose(hi, 2 + 4.303 / math.sqrt(3))
+    lo, hi = quality.paired_interval([0.0, 1.0] * 20)  # 39 degrees of freedom: the normal quantile
+    assert math.isclose(hi - 0.5, 1.96 * statistics.stdev([0.0, 1.0] * 20) / math.sqrt(40))
+    lo, hi = quality.paired_interval([0.7, 0.7, 0.7])  # no spread, no width
+    assert math.isclose(lo, 0.7) and lo == hi
+
+
 SETTINGS = {"iterations": 200, "factor": 2, "init": "mix", "lr": 0.03, "lr_schedule": "constant",
             "extractor": "random", "eval": {"protocol": "dm", "arch": "convnet", "epochs": 300, "repeats": 3,
                                              "split": "val"}}
@@ -104,8 +117,8 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
     assert "### hardtail class order, IPC 10, evaluated on convnet" in table and "hard labels, val split" in table
     assert "Cross-architecture" not in table  # one network: no cross-architecture table
     assert "| 10 | 79.25 +- 0.35 | 80.50 +- 0.71 | 80.70 +- 0.28 |" in table
-    assert ("IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10); csdm - dm = +1.45 (per seed: +1.50, +1.40)"
-            in table)
+    assert ("IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10; 95 % CI -3.61 to +4.01); "
+            "csdm - dm = +1.45 (per seed: +1.50, +1.40; 95 % CI +0.81 to +2.09)" in table)
     assert "200 steps, factor 2, init mix" in table and "| 10 | csdm | 78.70 | 80.70 |" in table
     assert "Per-class recall" not in table  # these seeds recorded no per-class recall: no table
     mixed = [dict(s, settings={**SETTINGS, "factor": 1}) if s["seed"] else s for s in rows[0]["per_seed"]]
@@ -126,7 +139,7 @@ def test_quality_pairs_the_few_group_by_seed_and_tables_per_class_recall_by_name
             cell("csdm", [56.0, 59.0], [[91.0, 62.0, 50.0], [93.0, 64.0, 45.0]])]
     args = type("Args", (), {"seeds": [0, 1], "labels": "hard", "split": "test"})
     table = quality.markdown(rows, args, "full", [])
-    assert "- IF 100, few group: csdm - dm = +2.50 (per seed: +6.00, -1.00)" in table
+    assert "- IF 100, few group: csdm - dm = +2.50 (per seed: +6.00, -1.00; 95 % CI -41.97 to +46.97)" in table
     assert "| IF | method | Bag | Coat | Shirt |" in table
     assert "| 100 | dm | 91.0 | 68.0 | 30.0 |" in table and "| 100 | csdm | 92.0 | 63.0 | 47.5 |" in table
     rows[0]["per_seed"][1]["class_names"] = None  # a run from before names were recorded: indices, said so
@@ -192,8 +205,8 @@ def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_ne
     assert "### natural class order, IPC 10, evaluated on vgg11" in table and "evaluation dm protocol, vgg11" in table
     assert "| IF | method | convnet | vgg11 |" in table
     assert "| 100 | csdm | 82.25 +- 0.35 | 71.25 +- 0.35 |" in table
-    assert "- IF 100, convnet: csdm - dm = +1.75 (per seed: +2.00, +1.50)" in table
-    assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: +1.00, -0.50)" in table
+    assert "- IF 100, convnet: csdm - dm = +1.75 (per seed: +2.00, +1.50; 95 % CI -1.43 to +4.93)" in table
+    assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: +1.00, -0.50; 95 % CI -9.28 to +9.78)" in table
 
 
 def test_quality_against_another_label_track_pairs_by_seed_and_names_other_differences():
