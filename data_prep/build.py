@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,35 @@ from csdm_dist.data.sources import RawSplit, has_split, load_source
 
 __all__ = ["FORMAT_VERSION", "build_dataset", "config_hash"]
 log = logging.getLogger(__name__)
+# what a build writes into its folder; anything else there (pools/, teachers/, features/, a user's files) is not
+# the build's, and a forced rebuild carries it over instead of deleting it
+_BUILD_FILE = re.compile(r"^(manifest\.json|(train|val|test)-\d{6}\.tar)$")
+
+
+def _old_config_hash(target: Path) -> str | None:
+    """The config hash of the build in `target`; None when its manifest is missing or damaged (a forced rebuild
+    is often what mends it)."""
+    try:
+        manifest = json.loads((target / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not JSON, not UTF-8
+        return None
+    return manifest.get("config_hash") if isinstance(manifest, dict) else None
+
+
+def _carry_over(old: Path, new: Path, old_hash: str | None, want: str) -> list[str]:
+    """Move every entry of the old build folder that the build did not write into the new one (before the swap);
+    return their names. When the build config changed they were made from other data: say so (teachers and
+    feature shards are then refused at start-up by their provenance check; a pool is not checked)."""
+    kept = sorted(p.name for p in old.iterdir() if not _BUILD_FILE.match(p.name))
+    for name in kept:
+        os.replace(old / name, new / name)
+    if kept:
+        log.info("kept %s from the previous build of %s", ", ".join(kept), old)
+        if old_hash != want:
+            log.warning("%s were made from the previous build (config hash %s, now %s): teachers and feature shards "
+                        "of it will be refused; make them again for this build (a pool is not checked: pretrain it "
+                        "again too)", ", ".join(kept), old_hash, want)
+    return kept
 
 
 def _check_existing(target: Path, cfg: DataConfig, want: str, config_choice: str | None) -> None:
@@ -150,8 +180,9 @@ def build_dataset(cfg: DataConfig, force: bool = False, config_choice: str | Non
                     "config_fields": config_fields(cfg), "build_overrides": build_overrides(cfg, config_choice),
                     "format_version": FORMAT_VERSION}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if target.exists():  # force: move the old build aside, put the new one in place, then delete the old one
-            os.replace(target, old)
+        if target.exists():  # force: move the old build aside, put the new one in place, then delete the old one,
+            _carry_over(target, tmp, _old_config_hash(target), want)
+            os.replace(target, old)  # ... keeping what the build did not write (pools, teachers, features)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

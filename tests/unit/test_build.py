@@ -88,6 +88,33 @@ def test_rebuild_with_changed_config_errors_unless_forced(fashion):
     assert not [p for p in path.parent.iterdir() if p != path]  # no temp or old folders
 
 
+def test_forced_rebuild_keeps_what_the_build_did_not_write(fashion, caplog):
+    """Pools, teachers and feature shards live in the dataset folder by default; force=true (the fix a damaged
+    shard's message gives) must not delete them with the old shards."""
+    path = build.build_dataset(fashion)
+    (path / "teachers").mkdir()
+    (path / "teachers" / "t.pt").write_bytes(b"teacher")
+    (path / "pools").mkdir()
+    (path / "pools" / "p.pt").write_bytes(b"pool")
+    (path / "notes.txt").write_text("mine")
+    (path / "train-000000.tar").write_bytes(b"damaged")
+    (path / "train-000099.tar").write_bytes(b"a shard the new build does not write")
+    with caplog.at_level("INFO"):
+        assert build.build_dataset(fashion, force=True) == path
+    assert (path / "teachers" / "t.pt").read_bytes() == b"teacher" and (path / "pools" / "p.pt").read_bytes() == b"pool"
+    assert (path / "notes.txt").read_text() == "mine"
+    assert not (path / "train-000099.tar").exists()  # the old build's own files are not carried over
+    assert "kept notes.txt, pools, teachers" in caplog.text and "were made from the previous build" not in caplog.text
+    build.build_dataset(fashion)  # the new shards verify
+    changed = fake_config("fashion_mnist", fashion.raw_root, fashion.data_root, imbalance_factor=6.0, seed=3,
+                          samples_per_shard=7)  # same folder, other shards
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        build.build_dataset(changed, force=True)
+    assert (path / "teachers" / "t.pt").is_file() and "were made from the previous build" in caplog.text
+    assert not [p for p in path.parent.iterdir() if p != path]  # no temp or old folders
+
+
 def test_failing_build_leaves_nothing_behind(fashion, monkeypatch):
     real = build.write_split
 
