@@ -27,8 +27,17 @@ def tag(step: int) -> str:
 
 
 def save(root: Path, step: int, rank: int, write: Callable[[Path], None], meta: dict[str, Any], keep: int) -> Path:
-    """Every rank calls `write(folder)` for its part; then rank 0 marks the folder complete and prunes."""
+    """Every rank calls `write(folder)` for its part; then rank 0 marks the folder complete and prunes.
+
+    A step this run has saved already (a stop request at a checkpoint step) is not written again: it holds the
+    same state, and rewriting it in place would leave a folder still marked complete over half-written files if
+    the process were killed meanwhile. A folder of the step from another run loses its mark before it is written."""
     path = step_dir(root, step)
+    if (path / "meta.json").is_file() and _meta(path).get("config_hash") == meta.get("config_hash"):
+        return path
+    if rank == 0 and (path / "meta.json").exists():
+        (path / "meta.json").unlink()
+    dist.barrier()  # every rank sees the folder unmarked before any writes into it
     write(path)
     dist.barrier()
     if rank == 0:

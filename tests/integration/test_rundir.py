@@ -71,6 +71,35 @@ def test_pruning_keeps_another_runs_checkpoints(tmp_path):
     assert checkpoint.complete_steps(tmp_path, "mine") == [3]
 
 
+def test_a_saved_step_is_not_rewritten_and_another_runs_step_loses_its_mark_first(tmp_path):
+    """A stop request at a checkpoint step saves that step twice; rewriting it in place would leave meta.json over
+    half-written files if the second save were killed (then resumed from as complete)."""
+    from csdm_dist.dist import close_distributed, init_distributed
+
+    calls = []
+
+    def write(p):
+        calls.append(p.name)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "model.pt").write_text(f"state {len(calls)}")
+
+    def killed(p):
+        (p / "model.pt").write_text("half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    init_distributed("cpu")
+    try:
+        checkpoint.save(tmp_path, 5, 0, write, {"config_hash": "mine"}, keep=1)
+        checkpoint.save(tmp_path, 5, 0, killed, {"config_hash": "mine"}, keep=1)  # same run, same step: skipped
+        assert calls == ["step-000005"] and (tmp_path / "step-000005" / "model.pt").read_text() == "state 1"
+        assert checkpoint.latest(tmp_path) == 5
+        with pytest.raises(KeyboardInterrupt):  # another run's step 5: unmarked before it is written
+            checkpoint.save(tmp_path, 5, 0, killed, {"config_hash": "other"}, keep=1)
+    finally:
+        close_distributed()
+    assert checkpoint.latest(tmp_path) is None  # half-written: never resumed from
+
+
 def test_default_out_dir_names_what_is_swept():
     dirs = {to_config(compose_cfg(o)).out_dir for o in
             ([], ["dataset.imbalance_factor=10"], ["ipc=50"], ["seed=1"], ["method=dm"])}
