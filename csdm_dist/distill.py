@@ -7,7 +7,6 @@ TensorBoard logs into out_dir.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import logging.handlers
 import os
@@ -25,7 +24,7 @@ from torchvision.utils import save_image
 from . import checkpoint, files, formation, rng, rundir
 from .cluster import multirun_flag_first
 from .config import Config, ConfigError, register_configs, to_config
-from .errors import EXIT_STOPPED, Interrupted, one_line_errors
+from .errors import EXIT_STOPPED, Interrupted, one_line_errors, read_json_record
 from .data.features import (FeatureData, check_provenance, features_dir, load_features_manifest, provenance,
                             read_features)
 from .data.manifest import check_counts, rebuild_hint, split_names
@@ -275,7 +274,10 @@ def evaluator(cfg: Config, rt: Runtime, distiller: Distiller, counts: list[int],
 class AtSteps:
     """eval.at_steps: evaluates the set after each listed step. Results are kept in `accuracy_at_steps.json` in
     the run directory as they come, so a resumed run keeps the ones it has and evaluates the step it resumes at
-    when that one is listed and missing. Called on every rank (evaluation spreads its repeats over the world)."""
+    when that one is listed and missing. Each result records the eval settings it was made with (`eval`: every
+    eval.* key but at_steps, which are not in the config hash): a run resumed with other ones evaluates those steps
+    again rather than mix two protocols in one curve. Called on every rank (evaluation spreads its repeats over
+    the world)."""
 
     FILE = "accuracy_at_steps.json"
 
@@ -283,8 +285,12 @@ class AtSteps:
         self.cfg, self.rt, self.distiller, self.labels, self.evaluate, self.logger = (
             cfg, rt, distiller, labels, evaluate, logger)
         self.path = Path(cfg.out_dir) / self.FILE
-        kept = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.done = {k: v for k, v in kept.items() if int(k) in cfg.eval.at_steps}
+        self.settings = {k: v for k, v in asdict(cfg.eval).items() if k != "at_steps"}
+        kept = read_json_record(self.path, "delete it: the steps it held are evaluated again") or {}
+        self.done = {k: v for k, v in kept.items() if int(k) in cfg.eval.at_steps and v.get("eval") == self.settings}
+        if len(self.done) < len(kept):
+            log.info("%s: evaluating again the steps %s, made with other eval settings (or not listed now)",
+                     self.path, ", ".join(sorted(set(kept) - set(self.done), key=int)))
         self.seconds = 0.0
 
     def __call__(self, step: int) -> None:
@@ -294,7 +300,7 @@ class AtSteps:
         images = formation.decode_set(self.distiller.gather(), self.labels, self.cfg.synthetic.factor)
         acc = self.evaluate(*images, name=f"{self.cfg.method.name}@{step}")
         self.seconds += time.perf_counter() - t0
-        self.done[str(step)] = acc
+        self.done[str(step)] = {**acc, "eval": self.settings}
         for g in ("mean", "many", "medium", "few"):
             self.logger.scalar(f"eval/{'accuracy' if g == 'mean' else g}", acc[g], step)
         if self.rt.is_main:

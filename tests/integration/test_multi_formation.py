@@ -129,6 +129,15 @@ def test_at_steps_evaluates_intermediate_sets_without_changing_the_run(data_over
     assert "accuracy_at_steps" not in plain
     kept = (tmp_path / "curve" / "accuracy_at_steps.json").read_text()
     assert '"1"' in kept and '"2"' in kept
+    assert all(curve[k]["eval"]["epochs"] == 2 for k in ("1", "2"))  # each point names its protocol
+    # eval.* is not in the config hash: evaluated again with other settings, the curve keeps no point of the old
+    # protocol (the intermediate sets are gone, so there is no curve), and the old points come back with the
+    # settings they were made with
+    _, other = distil(common + ["eval.at_steps=[1,2]", "eval.epochs=3", "reevaluate=true",
+                                f"out_dir={tmp_path / 'curve'}"])
+    assert "accuracy_at_steps" not in other and other["config"]["eval"]["epochs"] == 3
+    _, again = distil(common + ["eval.at_steps=[1,2]", "reevaluate=true", f"out_dir={tmp_path / 'curve'}"])
+    assert list(again["accuracy_at_steps"]) == ["1", "2", "3"] and again["accuracy_at_steps"]["1"] == curve["1"]
 
     def images(name):
         return torch.load(tmp_path / name / "distilled.pt", weights_only=False)["images"]
