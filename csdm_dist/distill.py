@@ -185,7 +185,7 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
                           + ("" if done else " (no checkpoint yet)")) from None
     final = distiller.gather()
     every = cfg.distill.image_every
-    took_steps = bool(distiller.step_times)  # in this segment (a finished run resumed for reevaluate takes none)
+    took_steps = distiller.segment_steps > 0  # a finished run resumed for reevaluate takes none
     if distiller.step == 0 or (took_steps and not (every and distiller.step % every == 0)):
         distiller.log_images(distiller.step, final)  # the loop has not logged the final images already
     soft = None

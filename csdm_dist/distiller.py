@@ -94,7 +94,8 @@ class Distiller:
         log.info("all-reduce payload per step: %d bytes (%d classes x %d statistics x 2 sides, fp32)",
                  self.allreduce_bytes, self.num_classes, feat + 1)
         self.step = 0
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # every step's wall time, over every segment of the run (checkpointed)
+        self.segment_steps = 0  # steps taken by this process (0: a finished run resumed to be evaluated again)
         self.elapsed_s = 0.0  # distillation wall time over every segment of the run (kept in the checkpoints)
         self.ckpt_root = run_dir / "checkpoints"
 
@@ -212,6 +213,7 @@ class Distiller:
             self.step = step + 1
             self.step_times.append(time.perf_counter() - t0)
             self.elapsed_s += self.step_times[-1]
+            self.segment_steps += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
                 vals = {k: float(v.detach()) for k, v in out.items()}  # host sync, only when logging
                 for k, v in vals.items():
@@ -259,7 +261,8 @@ class Distiller:
         return {"config_hash": config_hash(self.cfg), "world_size": self.rt.world_size}
 
     def save(self) -> None:
-        state = {"step": self.step, "ids": self.syn.ids.cpu().tolist(), "elapsed_s": self.elapsed_s}
+        state = {"step": self.step, "ids": self.syn.ids.cpu().tolist(), "elapsed_s": self.elapsed_s,
+                 "step_times": self.step_times}
         checkpoint.save(self.ckpt_root, self.step, self.rt.rank,
                         lambda path: save_engine(self.engine, self.ckpt_root, path.name, state),
                         self.meta(), self.cfg.distill.keep_checkpoints)
@@ -274,6 +277,7 @@ class Distiller:
             raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")
         self.step = state["step"]
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.step_times = [float(t) for t in state.get("step_times", [])]  # checkpoints from before: this segment's
         log.info("resumed from %s at step %d", checkpoint.step_dir(self.ckpt_root, step), self.step)
 
 

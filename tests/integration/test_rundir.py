@@ -3,6 +3,8 @@ the default out_dir names what a user sweeps, a finished run is reported rather 
 cannot fit are refused at start-up, and a failed start leaves nothing behind. docs/failures.md lists the rules."""
 import hashlib
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,7 @@ def test_a_finished_run_is_reported_not_redone(data_overrides, tmp_path, capsys)
     assert snapshot(out) == before and again["accuracy"] == first["accuracy"]
     _, redone = distil(common + ["reevaluate=true", "eval.epochs=1"])  # re-evaluate only when asked
     assert redone["timing"]["distill_s"] == first["timing"]["distill_s"]  # the distillation time is the run's
+    assert redone["timing"]["step_ms_median"] == first["timing"]["step_ms_median"] > 0  # and so is its step time
     assert redone["config"]["eval"]["epochs"] == 1
 
 
@@ -137,6 +140,10 @@ def test_distillation_time_adds_up_over_resumed_segments(data_overrides, tmp_pat
     first = state["client_state"]["elapsed_s"] if "client_state" in state else state["elapsed_s"]
     _, res = distil(common + ["distill.iterations=6"])
     assert res["timing"]["steps"] == 6 and res["timing"]["distill_s"] > first > 0
+    state = torch.load(out / "checkpoints" / "step-000006" / "mp_rank_00_model_states.pt", weights_only=False)
+    times = (state["client_state"] if "client_state" in state else state)["step_times"]
+    assert len(times) == 6 and math.isclose(sum(times), res["timing"]["distill_s"])  # every step of both segments
+    assert res["timing"]["step_ms_median"] == pytest.approx(1000 * statistics.median(times))
 
 
 @pytest.mark.parametrize("override,message", [
