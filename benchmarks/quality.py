@@ -88,7 +88,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--merge", action="store_true",
                    help="with --results: combine this invocation's cells with the rows of the JSON already there, "
                         "seed by seed (cells or seeds measured earlier, whose run directories are gone); it must "
-                        "have the same mode, split, label track and overrides after --")
+                        "have the same mode, split, label track, budget (--steps, epochs, repeats) and overrides "
+                        "after --")
     p.add_argument("--device", default="auto")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -202,8 +203,15 @@ def merge_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[st
     measured in both gets the union of their seeds (this invocation's result where both have a seed), rebuilt with
     cell_row (which refuses seeds made with other settings); a cell only in one is kept as it is. Each seed keeps
     the date of the report that tabulated its result, a rebuilt row takes today's. The earlier report must share
-    the mode, split, label track and overrides that the table's header states."""
-    want = {"mode": mode, "split": args.split, "labels": args.labels, "extra_overrides": extra}
+    the mode, split, label track and overrides that the table's header states, and the budget and protocol
+    (`settings`: steps, evaluation epochs, repeats and split; the at-steps points may differ), so that csdm's
+    margins never pair cells of two budgets."""
+    def budget(settings):
+        return None if settings is None else [s for s in settings if not s.startswith("eval.at_steps=")]
+
+    want = {"mode": mode, "split": args.split, "labels": args.labels, "extra_overrides": extra,
+            "settings": budget(settings_overrides(args, mode))}
+    previous = {**previous, "settings": budget(previous.get("settings"))}
     differ = [f"{k} {previous.get(k)!r} (this run: {v!r})" for k, v in want.items() if previous.get(k) != v]
     if differ:
         raise SystemExit(f"--merge: {args.results} was made with other {', '.join(differ)}; write to another "

@@ -161,7 +161,10 @@ def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(
 
     results = tmp_path / "quality.json"
     args, extra = quality.parse_args(["--seeds", "1", "2", "--results", str(results), "--merge"])
+    budget = quality.settings_overrides(args, "full")
+    assert "distill.iterations=1000" in budget and "eval.epochs=300" in budget
     previous = {"mode": "full", "split": "test", "labels": "hard", "extra_overrides": [], "date": "2026-12-01",
+                "settings": budget + ["eval.at_steps=[100,200]"],  # an earlier curve: the same budget
                 "rows": [row("natural", "csdm", [seed(0, 84.0), seed(1, 83.0)]),
                          row("hardtail", "dm", [seed(0, 82.0), seed(1, 70.0)], date="2026-11-30")]}
     new = [row("hardtail", "dm", [seed(1, 81.0, "2026-12-02"), seed(2, 83.0, "2026-12-02")], date="2026-12-02"),
@@ -177,7 +180,8 @@ def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(
     table = quality.markdown(merged, args, "full", extra)
     assert "| 100 | dm (seeds 0, 1, 2) | 82.00 +- 1.00 |" in table and "each cell's distillation seeds" in table
     assert "IF 100: csdm - dm = +2.00 (per seed: +3.00)" in table  # paired on the seed both have
-    for change in [{"split": "val"}, {"labels": "soft"}, {"extra_overrides": ["synthetic.factor=1"]}]:
+    for change in [{"split": "val"}, {"labels": "soft"}, {"extra_overrides": ["synthetic.factor=1"]},
+                   {"settings": ["distill.iterations=500" if s.startswith("distill.") else s for s in budget]}]:
         with pytest.raises(SystemExit, match=f"--merge: .*{next(iter(change))}"):
             quality.merge_rows({**previous, **change}, new, args, "full", extra)
     other = [seed(0, 82.0, settings={**SETTINGS, "factor": 1})]  # an earlier seed made with other settings
