@@ -295,15 +295,18 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
 def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_start: float, cell: str) -> dict:
     """The run's results.json `res` with its accuracy (and eval timing and settings) from the evaluation of its set
     on `arch`: the record python -m csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with
-    exactly the run's evaluation settings on `arch`."""
+    exactly the run's evaluation settings on `arch` for this very distilled.pt (its sha256: a run distilled further
+    since has another set)."""
     from csdm_dist.config import EvalConfig
     from csdm_dist.evaluate import eval_record_name
+    from csdm_dist.extractors import file_sha256
 
     ev = EvalConfig(**{**res["config"]["eval"], "arch": arch})
     path = run_dir / eval_record_name(ev)
     want = {k: v for k, v in vars(ev).items() if k != "at_steps"}
     have = json.loads(path.read_text()) if path.is_file() else None
-    if have is None or {k: have["eval"].get(k) for k in want} != want or "eval_s" not in have:
+    if (have is None or {k: have["eval"].get(k) for k in want} != want or "eval_s" not in have
+            or have.get("distilled_sha256") != file_sha256(run_dir / "distilled.pt")):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: evaluating on {arch} ...", flush=True)
         run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={run_dir / 'distilled.pt'}", f"eval.arch={arch}",
              f"device={device}"], log)

@@ -270,8 +270,10 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     from .dist import close_distributed, init_distributed
     from .distiller import Normalizer
     from .distilled import read_pt
+    from .extractors import file_sha256
 
     t0 = time.perf_counter()
+    sha256 = file_sha256(path)  # the record names the very set it evaluated: a set distilled again is not it
     blob = read_pt(path)
     cfg = to_config(blob["config"])
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
@@ -302,8 +304,9 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
                            temperature=temperature, relabel=relabel)
         if rt.is_main:
             out = path.parent / eval_record_name(ev)
-            files.write_json(out, {"distilled": str(path), "eval": vars(ev), "labels": ev.labels,
-                                   "temperature": temperature, "accuracy": acc, "eval_s": time.perf_counter() - t0})
+            files.write_json(out, {"distilled": str(path), "distilled_sha256": sha256, "eval": vars(ev),
+                                   "labels": ev.labels, "temperature": temperature, "accuracy": acc,
+                                   "eval_s": time.perf_counter() - t0})
             track = ev.labels + (" (online relabelling)" if relabel is not None else "")
             print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats, "
                   f"labels: {track}, {ev.arch}\n"

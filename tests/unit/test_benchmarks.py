@@ -294,6 +294,16 @@ def test_quality_soft_track_end_to_end(tmp_path):
     again = quality.main(["--reuse", *argv])  # every run and every alexnet record is reused, not made again
     assert again["reused_runs"] == 2 and [p.stat().st_mtime_ns for p in records] == stamps
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in report["rows"]]
+    # a set that changed since its record (distilled further, say): its record is not taken for it
+    from csdm_dist.extractors import file_sha256
+
+    changed = tmp_path / "out" / "natural" / "if10" / "ipc2" / "csdm-soft" / "seed0" / "distilled.pt"
+    blob = torch.load(changed, weights_only=False)
+    torch.save({**blob, "images": blob["images"] + 0.01}, changed)
+    quality.main(["--reuse", *argv])
+    rec = {p.parent.parent.name: p for p in records}
+    assert rec["random-soft"].stat().st_mtime_ns == stamps[records.index(rec["random-soft"])]
+    assert json.loads(rec["csdm-soft"].read_text())["distilled_sha256"] == file_sha256(changed)
     for r in report["rows"][::2]:
         assert r["labels"] == "soft" and r["settings"]["labels"]["teacher"] == teacher["path"]
         run = tmp_path / "out" / "natural" / "if10" / "ipc2" / f"{r['method']}-soft" / "seed0"
