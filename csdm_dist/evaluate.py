@@ -273,8 +273,8 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     from .extractors import file_sha256
 
     t0 = time.perf_counter()
+    blob = read_pt(path)  # a missing or damaged file: its own message
     sha256 = file_sha256(path)  # the record names the very set it evaluated: a set distilled again is not it
-    blob = read_pt(path)
     cfg = to_config(blob["config"])
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
     factor = blob.get("factor", 1)
