@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from common import (PHASES, ROOT, OtherLoad, build_distiller, compose, cores_available, machine_info, timed_step,
-                    wait_idle)
+                    wait_idle, write_report)
 
 KEYS = (*PHASES, "real", "step")  # real = real_features + real_statistics; step = wall time of train_step
 NOTE = ("On 2 cores one process already uses both cores through its 2 threads, so the 1 -> 2 process speed-up "
@@ -195,9 +195,7 @@ def main() -> None:
                   "note": NOTE,
                   "phases_ms_per_step": {n: {k: 1000 * v for k, v in m.items()} for n, m in med.items()},
                   "speedups": speedups, "runs": runs}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        write_report(args.out, result)
 
 
 if __name__ == "__main__":

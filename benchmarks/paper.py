@@ -53,6 +53,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from common import CONFIGS, machine_info, write_report
+from csdm_dist import files
 from csdm_dist.config import DistillConfig
 from quality import cell_row, differences, seed_result, settings_line
 
@@ -473,7 +474,7 @@ def main(argv=None) -> dict:
               "published": [r for ds in args.datasets for r in published_rows(ds)],
               "claims": [dict(c, dataset=ds) for ds in args.datasets for c in CLAIMS.get(ds, [])],
               "total_s": time.perf_counter() - t0, "reused_cells": len(cells) - len(todo)}
-    (out / "paper.md").write_text(table + "\n")
+    files.write_text(out / "paper.md", table + "\n")
     write_report(out / "paper.json", report)
     print(table)
     return report

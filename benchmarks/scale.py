@@ -256,8 +256,7 @@ def reestimate(path: Path) -> dict:
                                  r["peak_minus_baseline_mb"]))
     payload["estimate_recomputed"] = {"date": time.strftime("%Y-%m-%d"), "git_commit": git_commit()}
     report(payload["runs"])
-    path.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {path}")
+    write_report(path, payload)
     return payload
 
 

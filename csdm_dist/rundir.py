@@ -113,8 +113,8 @@ def write_records(run_dir: Path, config: dict, config_hash: str, overrides: list
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_status(run_dir, config_hash, status)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    (run_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(list(overrides)))
+    files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
+    files.write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(list(overrides)))
 
 
 def write_status(run_dir: Path, config_hash: str, status: str) -> None:

@@ -36,6 +36,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 from submitit.core.job_environment import SignalHandler
 
+from csdm_dist import files
 from csdm_dist.cluster import (ClusterConfig, multirun_flag_first, register_cluster_configs, split_submit_config,
                                to_cluster_config)
 from csdm_dist.config import Config, ConfigError, register_configs
@@ -301,9 +302,9 @@ def write_run_record(run_dir: Path, dcfg: DictConfig, job: dict[str, Any], clust
     from csdm_dist.runinfo import git_commit
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg))  # as composed, interpolations kept
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml({**job, "cluster": asdict(cluster)}))
-    (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
+    files.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(dcfg))  # as composed, interpolations kept
+    files.write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml({**job, "cluster": asdict(cluster)}))
+    files.write_text(run_dir / "git_commit.txt", git_commit() + "\n")
 
 
 def submit(dcfg: DictConfig, dataset_choice: str | None = None) -> submitit.Job | str:
