@@ -36,7 +36,7 @@ from .evaluate import evaluate_set
 from .extractors import file_sha256, resolve_precision
 from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
-from .softlabels import FP32_BYTES
+from .softlabels import FP32_BYTES, soft_targets
 from .teacher import Teacher, load_teacher
 from .preempt import StopSignal
 from .synthetic import SyntheticSet, mix_order, pick_real_init
@@ -263,8 +263,8 @@ def evaluator(cfg: Config, rt: Runtime, distiller: Distiller, counts: list[int],
         if cfg.eval.labels == "soft" and cfg.eval.relabel == "online":
             track = {"relabel": relabel, "temperature": lab.temperature}
         elif cfg.eval.labels == "soft":
-            track = {"soft": teacher.logits(images, lab.prior_adjust) if soft is None else soft,
-                     "temperature": lab.temperature}
+            logits = teacher.logits(images, lab.prior_adjust) if soft is None else soft
+            track = {"soft_probs": soft_targets(logits, lab.temperature), "temperature": lab.temperature}
         return evaluate_set(images, labels, data.images, data.labels, distiller.norm, counts, cfg.eval,
                             cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank, rt.world_size, rt.device,
                             name=name, **track)

@@ -12,8 +12,9 @@ stores its images as they are kept (multi-formation: f x f tiles each, key "fact
 which are factor 1); they are decoded (formation.decode_set) before training.
 
 Label tracks (eval.labels, reported apart): `hard` trains on cross-entropy with each image's class; `soft` on
-T^2 KL(softmax(teacher logits / T) || softmax(student / T)) with the set's stored `soft_labels` (logits of the
-decoded images) at its stored `temperature`, CutMix mixing the targets with the image's lambda; with
+T^2 KL(softmax(teacher logits / T) || softmax(student / T)) with the set's stored `soft_labels` at its stored
+`temperature` (read by distilled.soft_probabilities, the one reader of stored soft labels), CutMix mixing the
+targets with the image's lambda; with
 eval.relabel=online the teacher labels every augmented batch afresh instead (csdm_dist/teacher.py). eval.arch
 picks the network (convnet, resnet18, vgg11, alexnet: models.build_network) for cross-architecture evaluation.
 """
@@ -110,13 +111,15 @@ def top_confusions(confusion: Tensor, k: int = 3) -> list[list[list]]:
 
 def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, num_classes: int,
                    cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, repeat: int,
-                   device: torch.device, desc: str, soft: Optional[Tensor] = None, temperature: Optional[float] = None,
+                   device: torch.device, desc: str, soft_probs: Optional[Tensor] = None,
+                   temperature: Optional[float] = None,
                    relabel: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """One repeat: (per-class accuracy at the last epoch, at the best tested epoch, the last epoch's confusion
     counts [C, C]).
 
-    Soft track: `soft` [N, C] logits of the images (KD at `temperature`), or `relabel(x)` -> the teacher's logits
-    of each augmented batch; neither: hard labels. The random draws are the same on every track."""
+    Soft track: `soft_probs` [N, C] the images' target probabilities (softmax of the teacher's logits at
+    `temperature`; KD at `temperature`), or `relabel(x)` -> the teacher's logits of each augmented batch; neither:
+    hard labels. The random draws are the same on every track."""
     g = rng.generator(seed, repeat, rng.EVAL)
     net = build_network(cfg.arch, images.shape[1], num_classes, image_size, net_cfg.width, net_cfg.depth_at(image_size),
                         net_cfg.norm)
@@ -128,7 +131,7 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
     milestones, gamma = _schedule(cfg.protocol, cfg.epochs)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)
     images, labels = images.to(device), labels.to(device)
-    probs = None if soft is None else soft_targets(soft.to(device), temperature)
+    probs = None if soft_probs is None else soft_probs.to(device)
     soft_track = probs is not None or relabel is not None
     test_at = {round(cfg.epochs * (k + 1) / cfg.test_points) for k in range(cfg.test_points)}
     best = last = None
@@ -175,25 +178,28 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
 
 def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, counts: list[int],
                  cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, rank: int, world: int,
-                 device: torch.device, name: str, soft: Optional[Tensor] = None, temperature: Optional[float] = None,
-                 relabel: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
+                 device: torch.device, name: str, soft_probs: Optional[Tensor] = None,
+                 temperature: Optional[float] = None, relabel: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
     """Train cfg.repeats networks (spread over the world) and summarise their accuracy. eval.labels=soft needs
-    `soft` (the images' logits, at `temperature`) or, with eval.relabel=online, `relabel` (see train_and_test)."""
+    `soft_probs` (the images' target probabilities, at `temperature`) or, with eval.relabel=online, `relabel`
+    (see train_and_test)."""
     track = cfg.labels or "hard"
     online = cfg.relabel == "online"
-    if (track == "soft") != (soft is not None or relabel is not None) or online != (relabel is not None):
+    if (track == "soft") != (soft_probs is not None or relabel is not None) or online != (relabel is not None):
         raise ValueError(f"eval.labels={track}, eval.relabel={cfg.relabel} but given soft labels: "
-                         f"{soft is not None}, a relabelling teacher: {relabel is not None}")
+                         f"{soft_probs is not None}, a relabelling teacher: {relabel is not None}")
     if track == "soft" and not (temperature is not None and temperature > 0):
         raise ValueError(f"soft labels need a temperature > 0, got {temperature!r}")
-    if soft is not None and tuple(soft.shape) != (len(labels), len(counts)):
-        raise ValueError(f"soft labels of shape {list(soft.shape)} for {len(labels)} images of {len(counts)} classes")
+    if soft_probs is not None and tuple(soft_probs.shape) != (len(labels), len(counts)):
+        raise ValueError(f"soft labels of shape {list(soft_probs.shape)} for {len(labels)} images of {len(counts)} "
+                         f"classes")
     c = len(counts)
     acc = torch.zeros(2, cfg.repeats, c, device=device)
     confusion = torch.zeros(c, c, device=device)  # summed over the repeats
     for r in range(rank, cfg.repeats, world):
         last, best, conf = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed,
-                                          r, device, desc=f"eval {name} {r + 1}/{cfg.repeats}", soft=soft,
+                                          r, device, desc=f"eval {name} {r + 1}/{cfg.repeats}",
+                                          soft_probs=soft_probs,
                                           temperature=temperature, relabel=relabel)
         acc[0, r], acc[1, r] = last, best
         confusion += conf
@@ -224,23 +230,25 @@ def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
 
 
 
-def stored_soft_labels(blob: dict, path: Path, n_decoded: int, num_classes: int) -> tuple[Tensor, float]:
-    """(soft_labels [n_decoded, C] logits, temperature) of a distilled.pt; ConfigError naming eval.labels when the
-    set has none, UserError when they do not fit its decoded images."""
+def stored_soft_targets(blob: dict, path: Path) -> tuple[Tensor, float]:
+    """(the target probabilities [n_decoded, C] of a distilled.pt's decoded images, the temperature to train at),
+    read by distilled.soft_probabilities; ConfigError naming eval.labels when the set has none, UserError when they
+    do not fit its images or come without a temperature."""
     from .config import ConfigError
+    from .distilled import num_classes, soft_probabilities
     from .errors import UserError
 
     if "soft_labels" not in blob:
         raise ConfigError(f"invalid config `eval.labels`: soft trains on the set's soft labels, but {path} has none "
                           "(it was distilled with labels.kind=hard); pass eval.labels=hard, or eval.relabel=online "
                           "(fresh labels from the teacher file, labels.teacher), or distil again with labels.kind=soft")
-    soft, temperature = torch.as_tensor(blob["soft_labels"]).float(), blob.get("temperature")
-    if tuple(soft.shape) != (n_decoded, num_classes) or not torch.isfinite(soft).all():
-        raise UserError(f"{path}: soft_labels has shape {list(soft.shape)} (finite: {bool(torch.isfinite(soft).all())}"
-                        f"), not [{n_decoded}, {num_classes}] finite logits of its decoded images; distil it again")
-    if temperature is None or not float(temperature) > 0:
+    temperature = blob.get("temperature")
+    if temperature is None or not float(temperature) > 0:  # probabilities need it too: the KD loss is taken at T
         raise UserError(f"{path}: soft_labels come without a temperature > 0 (got {temperature!r}); distil it again")
-    return soft, float(temperature)
+    factor = int(blob.get("factor", 1))
+    probs, _ = soft_probabilities(blob["soft_labels"], float(temperature), len(blob["labels"]), factor,
+                                  num_classes(blob), path)
+    return probs, float(temperature)
 
 
 # eval_record_name's suffixes, in order: (EvalConfig key, its tag for a value; "" adds nothing). Every key but
@@ -278,10 +286,9 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     cfg = to_config(blob["config"])
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
     factor = blob.get("factor", 1)
-    soft = temperature = None
+    soft_probs = temperature = None
     if ev.labels == "soft" and ev.relabel == "none":  # checked before anything starts
-        soft, temperature = stored_soft_labels(blob, path, len(blob["labels"]) * factor * factor,
-                                               len(blob["class_counts"]))
+        soft_probs, temperature = stored_soft_targets(blob, path)
     rt = init_distributed(device)
     try:
         relabel = None
@@ -300,7 +307,7 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
         images, labels = formation.decode_set(blob["images"].to(rt.device), blob["labels"], factor)
         acc = evaluate_set(images, labels, test.images, test.labels, norm,
                            blob["class_counts"], ev, cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank,
-                           rt.world_size, rt.device, name=cfg.method.name, soft=soft,
+                           rt.world_size, rt.device, name=cfg.method.name, soft_probs=soft_probs,
                            temperature=temperature, relabel=relabel)
         if rt.is_main:
             out = path.parent / eval_record_name(ev)

@@ -19,8 +19,9 @@ from csdm_dist.config import ConfigError, EvalConfig, ExtractorConfig, to_config
 from csdm_dist.data.shards import dataset_dir, load_manifest, read_split
 from csdm_dist.dist import close_distributed, init_distributed
 from csdm_dist.distiller import Normalizer
+from csdm_dist.errors import UserError
 from csdm_dist.evaluate import evaluate_file, train_and_test
-from csdm_dist.softlabels import log_prior, soft_label_bytes
+from csdm_dist.softlabels import log_prior, soft_label_bytes, soft_targets
 from csdm_dist.teacher import load_teacher, results_path, train_teacher
 from runs import TINY, compose_cfg, distil
 
@@ -94,6 +95,31 @@ def test_soft_set_evaluates_on_every_track_and_architecture(soft_run):
     assert hard["labels"] == "hard" and hard["arch"] == "convnet" and (out / "eval-ncfm-1ep-x1.json").is_file()
 
 
+def test_evaluation_reads_soft_labels_as_load_distilled_does(soft_run, tmp_path):
+    """One reader (distilled.soft_probabilities): the stored logits, the same labels stored as probabilities, and
+    one row per decoded image or per stored image (its f^2 tiles share it) all train the same networks."""
+    _, _, out = soft_run
+    blob = torch.load(out / "distilled.pt", weights_only=False)
+    z, t, f = blob["soft_labels"], blob["temperature"], blob["factor"]
+    per_stored = z.reshape(-1, f * f, z.shape[1])[:, 0]  # every tile of a stored image gets its first tile's label
+    ev = {"labels": "soft", "protocol": "dm", "epochs": 1, "repeats": 1}
+    accs = {}
+    for name, labels in (("logits_decoded", per_stored.repeat_interleave(f * f, 0)), ("logits_stored", per_stored),
+                         ("probs_stored", torch.softmax(per_stored / t, 1))):
+        (tmp_path / name).mkdir()
+        torch.save({**blob, "soft_labels": labels}, tmp_path / name / "distilled.pt")
+        accs[name] = evaluate_file(tmp_path / name / "distilled.pt", ev, "cpu")["per_class"]
+    assert accs["logits_stored"] == accs["logits_decoded"]
+    assert accs["probs_stored"] == pytest.approx(accs["logits_decoded"], abs=1e-4)
+    torch.save({**blob, "soft_labels": z[:-1]}, tmp_path / "distilled.pt")  # one row short
+    with pytest.raises(UserError, match=r"soft_labels has shape .* must be \[N, 10\] with N the \d+ stored or the"):
+        evaluate_file(tmp_path / "distilled.pt", ev, "cpu")
+    torch.save({**blob, "temperature": None}, tmp_path / "distilled.pt")
+    with pytest.raises(UserError, match=r"without a temperature > 0"):
+        evaluate_file(tmp_path / "distilled.pt", ev, "cpu")
+    assert not list(tmp_path.glob("eval-*.json"))  # refused before evaluating anything
+
+
 def test_evaluate_cli_on_soft_labels_and_a_set_without_them(soft_run, data_overrides, tmp_path):
     _, _, out = soft_run
     ok = subprocess.run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={out / 'distilled.pt'}",
@@ -120,17 +146,17 @@ def test_one_hot_soft_labels_train_like_hard_labels(data_overrides, protocol):
     ev = dict(protocol=protocol, epochs=2, repeats=1, batch_size=16)
     hard = train_and_test(images, labels, *common, EvalConfig(labels="hard", **ev), *args)
     soft = train_and_test(images, labels, *common, EvalConfig(labels="soft", **ev), *args,
-                          soft=F.one_hot(labels, 10).float() * 1e3, temperature=1.0)
+                          soft_probs=F.one_hot(labels, 10).float(), temperature=1.0)
     torch.testing.assert_close(soft[0], hard[0])
     torch.testing.assert_close(soft[1], hard[1])
-    noise = torch.randn(40, 10, generator=torch.Generator().manual_seed(1)) * 5  # labels far from the class
+    noise = soft_targets(torch.randn(40, 10, generator=torch.Generator().manual_seed(1)) * 5, 4.0)  # far from the class
     hw = dict(labels="soft", **ev)
-    only_class = train_and_test(images, labels, *common, EvalConfig(hard_weight=1.0, **hw), *args, soft=noise,
+    only_class = train_and_test(images, labels, *common, EvalConfig(hard_weight=1.0, **hw), *args, soft_probs=noise,
                                 temperature=4.0)  # the class term alone: the soft labels do not count
     torch.testing.assert_close(only_class[0], hard[0])
-    half = train_and_test(images, labels, *common, EvalConfig(hard_weight=0.5, **hw), *args, soft=noise,
+    half = train_and_test(images, labels, *common, EvalConfig(hard_weight=0.5, **hw), *args, soft_probs=noise,
                           temperature=4.0)
-    kd = train_and_test(images, labels, *common, EvalConfig(**hw), *args, soft=noise, temperature=4.0)
+    kd = train_and_test(images, labels, *common, EvalConfig(**hw), *args, soft_probs=noise, temperature=4.0)
     assert not torch.equal(half[0], kd[0]) or not torch.equal(half[0], hard[0])  # the mix is neither end
 
 
