@@ -21,8 +21,9 @@ epochs, repeats, split and label track). Every row names its `arch`.
 
 Each cell reports the mean and std over seeds of each seed's mean over evaluation repeats, the many / medium / few
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
-difference to every other method, seed by seed (same seed: same real data, same starting images), with the 95 %
-t interval of the mean difference over two or more paired seeds (`paired_interval`).
+difference to every other method, seed by seed (same seed: same real data, same starting images), their mean over
+the seeds both cells have (not the difference of two cells' means, which may be over different seeds), and the
+95 % t interval of that mean over two or more paired seeds (`paired_interval`).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
 invocation would run (else it stops and says which keys differ). `--merge` combines this invocation's cells with
 those already in `--results`, seed by seed: a table built over sessions whose run directories are gone (each row and
@@ -424,9 +425,9 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
                 for m in methods) + " |")
         if "csdm" in methods and len(methods) > 1:
             lines += ["", "csdm minus each other method, overall accuracy in points (paired by seed):", ""]
-            lines += [f"- IF {imb:g}: {margin(cell, imb, methods)}" for imb in ifs if (imb, "csdm") in cell]
-            lines += [f"- IF {imb:g}, few group: {margin(cell, imb, methods, 'few')}" for imb in ifs
-                      if (imb, "csdm") in cell]
+            for label, key in (("", "mean"), (", few group", "few")):
+                lines += [f"- IF {imb:g}{label}: {text}" for imb in ifs if (imb, "csdm") in cell
+                          for text in [margin(cell, imb, methods, key)] if text]
         lines += per_class_markdown(part)
         curves = [r for r in part if r["accuracy_at_steps"]]
         if curves:
@@ -463,8 +464,9 @@ def cross_arch_markdown(rows: list[dict]) -> list[str]:
             for imb in ifs:
                 for a in archs:
                     on_a = {(i, m): r for (i, m, x), r in cell.items() if x == a}
-                    if (imb, "csdm") in on_a:
-                        lines.append(f"- IF {imb:g}, {a}: {margin(on_a, imb, methods)}")
+                    text = margin(on_a, imb, methods) if (imb, "csdm") in on_a else ""
+                    if text:
+                        lines.append(f"- IF {imb:g}, {a}: {text}")
     return lines
 
 
@@ -528,17 +530,20 @@ def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
 
 
 def margin(cell: dict, imb: float, methods: list[str], key: str = "mean") -> str:
-    """csdm minus every other method at one IF, in `key` (overall: mean; or a group: many, medium, few), as the
-    mean, per seed (paired: same seed, same real data, same starting images) and, over two or more paired seeds,
-    the 95 % confidence interval of the paired mean."""
+    """csdm minus every other method at one IF, in `key` (overall: mean; or a group: many, medium, few), over the
+    seeds both cells have (paired: same seed, same real data, same starting images): the mean of the paired
+    differences, each one and, over two or more, the 95 % confidence interval of their mean. A method without a
+    seed in common with csdm is left out; "" when no method is left."""
     ours, parts = cell[imb, "csdm"], []
     others = sorted((m for m in methods if m != "csdm" and (imb, m) in cell), key=lambda m: -cell[imb, m]["mean"])
     for m in others:
         paired = {s["seed"]: s[key] for s in cell[imb, m]["per_seed"]}
-        diffs = [s[key] - paired[s["seed"]] for s in ours["per_seed"] if s["seed"] in paired]
-        ci = paired_interval(diffs)
-        parts.append(f"csdm - {m} = {ours[key] - cell[imb, m][key]:+.2f} (per seed: "
-                     f"{', '.join(f'{d:+.2f}' for d in diffs)}"
+        diffs = {s["seed"]: s[key] - paired[s["seed"]] for s in ours["per_seed"] if s["seed"] in paired}
+        if not diffs:
+            continue
+        ci = paired_interval(list(diffs.values()))
+        parts.append(f"csdm - {m} = {statistics.fmean(diffs.values()):+.2f} (per seed: "
+                     f"{', '.join(f'{s} {d:+.2f}' for s, d in diffs.items())}"
                      + ("" if ci is None else f"; 95 % CI {ci[0]:+.2f} to {ci[1]:+.2f}") + ")")
     return "; ".join(parts)
 

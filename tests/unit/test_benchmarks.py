@@ -117,8 +117,8 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
     assert "### hardtail class order, IPC 10, evaluated on convnet" in table and "hard labels, val split" in table
     assert "Cross-architecture" not in table  # one network: no cross-architecture table
     assert "| 10 | 79.25 +- 0.35 | 80.50 +- 0.71 | 80.70 +- 0.28 |" in table
-    assert ("IF 10: csdm - ncfm = +0.20 (per seed: +0.50, -0.10; 95 % CI -3.61 to +4.01); "
-            "csdm - dm = +1.45 (per seed: +1.50, +1.40; 95 % CI +0.81 to +2.09)" in table)
+    assert ("IF 10: csdm - ncfm = +0.20 (per seed: 0 +0.50, 1 -0.10; 95 % CI -3.61 to +4.01); "
+            "csdm - dm = +1.45 (per seed: 0 +1.50, 1 +1.40; 95 % CI +0.81 to +2.09)" in table)
     assert "200 steps, factor 2, init mix" in table and "| 10 | csdm | 78.70 | 80.70 |" in table
     assert "Per-class recall" not in table  # these seeds recorded no per-class recall: no table
     mixed = [dict(s, settings={**SETTINGS, "factor": 1}) if s["seed"] else s for s in rows[0]["per_seed"]]
@@ -139,7 +139,7 @@ def test_quality_pairs_the_few_group_by_seed_and_tables_per_class_recall_by_name
             cell("csdm", [56.0, 59.0], [[91.0, 62.0, 50.0], [93.0, 64.0, 45.0]])]
     args = type("Args", (), {"seeds": [0, 1], "labels": "hard", "split": "test"})
     table = quality.markdown(rows, args, "full", [])
-    assert "- IF 100, few group: csdm - dm = +2.50 (per seed: +6.00, -1.00; 95 % CI -41.97 to +46.97)" in table
+    assert "- IF 100, few group: csdm - dm = +2.50 (per seed: 0 +6.00, 1 -1.00; 95 % CI -41.97 to +46.97)" in table
     assert "| IF | method | Bag | Coat | Shirt |" in table
     assert "| 100 | dm | 91.0 | 68.0 | 30.0 |" in table and "| 100 | csdm | 92.0 | 63.0 | 47.5 |" in table
     rows[0]["per_seed"][1]["class_names"] = None  # a run from before names were recorded: indices, said so
@@ -179,7 +179,11 @@ def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(
     assert merged[0]["date"] == "2026-12-01" and merged[1]["date"] == "2026-12-02"
     table = quality.markdown(merged, args, "full", extra)
     assert "| 100 | dm (seeds 0, 1, 2) | 82.00 +- 1.00 |" in table and "each cell's distillation seeds" in table
-    assert "IF 100: csdm - dm = +2.00 (per seed: +3.00)" in table  # paired on the seed both have
+    assert "IF 100: csdm - dm = +3.00 (per seed: 1 +3.00)" in table  # the mean over the seeds both have
+    assert "IF 100: csdm - dm = +3.00 (per seed: 1 +3.00)\n" in table and "- IF 100, few group: csdm" in table
+    unpaired = {(100.0, m): quality.cell_row("natural", 100.0, 10, m, "hard", "convnet", [seed(k, 80.0)])
+                for m, k in (("csdm", 0), ("dm", 1))}
+    assert quality.margin(unpaired, 100.0, ["csdm", "dm"]) == ""  # no seed in common: no margin, no empty line
     for change in [{"split": "val"}, {"labels": "soft"}, {"extra_overrides": ["synthetic.factor=1"]},
                    {"settings": ["distill.iterations=500" if s.startswith("distill.") else s for s in budget]}]:
         with pytest.raises(SystemExit, match=f"--merge: .*{next(iter(change))}"):
@@ -209,8 +213,8 @@ def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_ne
     assert "### natural class order, IPC 10, evaluated on vgg11" in table and "evaluation dm protocol, vgg11" in table
     assert "| IF | method | convnet | vgg11 |" in table
     assert "| 100 | csdm | 82.25 +- 0.35 | 71.25 +- 0.35 |" in table
-    assert "- IF 100, convnet: csdm - dm = +1.75 (per seed: +2.00, +1.50; 95 % CI -1.43 to +4.93)" in table
-    assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: +1.00, -0.50; 95 % CI -9.28 to +9.78)" in table
+    assert "- IF 100, convnet: csdm - dm = +1.75 (per seed: 0 +2.00, 1 +1.50; 95 % CI -1.43 to +4.93)" in table
+    assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: 0 +1.00, 1 -0.50; 95 % CI -9.28 to +9.78)" in table
 
 
 def test_quality_against_another_label_track_pairs_by_seed_and_names_other_differences():
