@@ -91,6 +91,13 @@ def tail(path: Path, n: int = 4000) -> str:
     return f"\n---- last {n} chars of {path} ----\n{text[-n:]}"
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A suite started as a background job of a shell
+    without job control inherits SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt), so the
+    tests that send SIGINT would wait for a run that never stops."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Launch:
     """A child process (group) whose stdout and stderr go to `log`."""
     live: list["Launch"] = []  # killed at the end of each test if still running (a failed assertion left them)
@@ -99,7 +106,7 @@ class Launch:
         self.cmd, self.log = cmd, log
         self._out = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**child_env(), **(env or {})}, stdout=self._out,
-                                     stderr=subprocess.STDOUT,
+                                     stderr=subprocess.STDOUT, preexec_fn=default_sigint,
                                      start_new_session=True)  # own process group: a hang is killed whole
         Launch.live.append(self)
 
