@@ -482,8 +482,7 @@ def track_differences(rows: list[dict], other: list[dict]) -> str:
         o = index.get(key(r))
         if o is None or o["labels"] == r["labels"]:
             continue
-        theirs = dict(zip(o["seeds"], o["accuracy"]))
-        per_seed = {s: a - theirs[s] for s, a in zip(r["seeds"], r["accuracy"]) if s in theirs}
+        per_seed = paired(dict(zip(r["seeds"], r["accuracy"])), dict(zip(o["seeds"], o["accuracy"])))
         if not per_seed:
             continue
         differ = sorted(k for k in set(r["settings"]) | set(o["settings"])
@@ -529,6 +528,11 @@ def paired_interval(diffs: list[float]) -> tuple[float, float] | None:
     return mean - half, mean + half
 
 
+def paired(ours: dict[int, float], theirs: dict[int, float]) -> dict[int, float]:
+    """seed -> ours - theirs, over the seeds both have, in the order of `ours`."""
+    return {s: v - theirs[s] for s, v in ours.items() if s in theirs}
+
+
 def margin(cell: dict, imb: float, methods: list[str], key: str = "mean") -> str:
     """csdm minus every other method at one IF, in `key` (overall: mean; or a group: many, medium, few), over the
     seeds both cells have (paired: same seed, same real data, same starting images): the mean of the paired
@@ -537,8 +541,8 @@ def margin(cell: dict, imb: float, methods: list[str], key: str = "mean") -> str
     ours, parts = cell[imb, "csdm"], []
     others = sorted((m for m in methods if m != "csdm" and (imb, m) in cell), key=lambda m: -cell[imb, m]["mean"])
     for m in others:
-        paired = {s["seed"]: s[key] for s in cell[imb, m]["per_seed"]}
-        diffs = {s["seed"]: s[key] - paired[s["seed"]] for s in ours["per_seed"] if s["seed"] in paired}
+        diffs = paired({s["seed"]: s[key] for s in ours["per_seed"]},
+                       {s["seed"]: s[key] for s in cell[imb, m]["per_seed"]})
         if not diffs:
             continue
         ci = paired_interval(list(diffs.values()))

@@ -230,7 +230,7 @@ def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
 
 
 
-def stored_soft_targets(blob: dict, path: Path) -> tuple[Tensor, float]:
+def stored_soft_targets(blob: dict, path: Path, factor: int) -> tuple[Tensor, float]:
     """(the target probabilities [n_decoded, C] of a distilled.pt's decoded images, the temperature to train at),
     read by distilled.soft_probabilities; ConfigError naming eval.labels when the set has none, UserError when they
     do not fit its images or come without a temperature."""
@@ -245,7 +245,6 @@ def stored_soft_targets(blob: dict, path: Path) -> tuple[Tensor, float]:
     temperature = blob.get("temperature")
     if temperature is None or not float(temperature) > 0:  # probabilities need it too: the KD loss is taken at T
         raise UserError(f"{path}: soft_labels come without a temperature > 0 (got {temperature!r}); distil it again")
-    factor = int(blob.get("factor", 1))
     probs, _ = soft_probabilities(blob["soft_labels"], float(temperature), len(blob["labels"]), factor,
                                   num_classes(blob), path)
     return probs, float(temperature)
@@ -285,10 +284,10 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     sha256 = file_sha256(path)  # the record names the very set it evaluated: a set distilled again is not it
     cfg = to_config(blob["config"])
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
-    factor = blob.get("factor", 1)
+    factor = int(blob.get("factor", 1))
     soft_probs = temperature = None
     if ev.labels == "soft" and ev.relabel == "none":  # checked before anything starts
-        soft_probs, temperature = stored_soft_targets(blob, path)
+        soft_probs, temperature = stored_soft_targets(blob, path, factor)
     rt = init_distributed(device)
     try:
         relabel = None
