@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from . import files, formation, rng
+from . import files, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import EvalConfig, ExtractorConfig
 from .models import build_network, reinit_
 from .softlabels import kd_loss, soft_targets
+
+if typing.TYPE_CHECKING:
+    from .distilled import DecodedSet
 
 log = logging.getLogger(__name__)
 
@@ -230,24 +233,20 @@ def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
 
 
 
-def stored_soft_targets(blob: dict, path: Path, factor: int) -> tuple[Tensor, float]:
-    """(the target probabilities [n_decoded, C] of a distilled.pt's decoded images, the temperature to train at),
-    read by distilled.soft_probabilities; ConfigError naming eval.labels when the set has none, UserError when they
-    do not fit its images or come without a temperature."""
+def stored_soft_targets(s: DecodedSet) -> tuple[Tensor, float]:
+    """(the target probabilities [n_decoded, C] of a decoded distilled.pt, the temperature to train at); ConfigError
+    naming eval.labels when the set has none, UserError when they come without a temperature."""
     from .config import ConfigError
-    from .distilled import num_classes, soft_probabilities
     from .errors import UserError
 
-    if "soft_labels" not in blob:
-        raise ConfigError(f"invalid config `eval.labels`: soft trains on the set's soft labels, but {path} has none "
+    if s.soft is None:
+        raise ConfigError(f"invalid config `eval.labels`: soft trains on the set's soft labels, but {s.path} has none "
                           "(it was distilled with labels.kind=hard); pass eval.labels=hard, or eval.relabel=online "
                           "(fresh labels from the teacher file, labels.teacher), or distil again with labels.kind=soft")
-    temperature = blob.get("temperature")
-    if temperature is None or not float(temperature) > 0:  # probabilities need it too: the KD loss is taken at T
-        raise UserError(f"{path}: soft_labels come without a temperature > 0 (got {temperature!r}); distil it again")
-    probs, _ = soft_probabilities(blob["soft_labels"], float(temperature), len(blob["labels"]), factor,
-                                  num_classes(blob), path)
-    return probs, float(temperature)
+    if s.temperature is None or not s.temperature > 0:  # probabilities need it too: the KD loss is taken at T
+        raise UserError(f"{s.path}: soft_labels come without a temperature > 0 (got {s.temperature!r}); distil it "
+                        "again")
+    return s.soft, s.temperature
 
 
 # eval_record_name's suffixes, in order: (EvalConfig key, its tag for a value; "" adds nothing). Every key but
@@ -276,18 +275,21 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     from .data.shards import dataset_dir, read_split
     from .dist import close_distributed, init_distributed
     from .distiller import Normalizer
-    from .distilled import read_pt
+    from .distilled import decoded_set
     from .extractors import file_sha256
 
     t0 = time.perf_counter()
-    blob = read_pt(path)  # a missing or damaged file: its own message
+    s = decoded_set(path)  # the reader load_distilled uses; a missing or damaged file: its own message
     sha256 = file_sha256(path)  # the record names the very set it evaluated: a set distilled again is not it
-    cfg = to_config(blob["config"])
+    cfg = to_config(s.config)
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
-    factor = int(blob.get("factor", 1))
+    if len(s.real_counts) != cfg.dataset.num_classes:  # the many / medium / few groups are drawn from them
+        from .errors import UserError
+        raise UserError(f"{path} stores class_counts {s.real_counts}, not one count per class of its "
+                        f"{cfg.dataset.num_classes} classes; the file is damaged or not from csdm_dist.distill")
     soft_probs = temperature = None
     if ev.labels == "soft" and ev.relabel == "none":  # checked before anything starts
-        soft_probs, temperature = stored_soft_targets(blob, path, factor)
+        soft_probs, temperature = stored_soft_targets(s)
     rt = init_distributed(device)
     try:
         relabel = None
@@ -302,10 +304,9 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
                 return teacher.logits(x, cfg.labels.prior_adjust)
             relabel = online
         test = read_split(dataset_dir(cfg.dataset), ev.split, 0, 1, cfg=cfg.dataset)
-        norm = Normalizer.build(blob["mean"], blob["std"], rt.device)
-        images, labels = formation.decode_set(blob["images"].to(rt.device), blob["labels"], factor)
-        acc = evaluate_set(images, labels, test.images, test.labels, norm,
-                           blob["class_counts"], ev, cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank,
+        norm = Normalizer.build(s.mean, s.std, rt.device)
+        acc = evaluate_set(s.images.to(rt.device), s.labels, test.images, test.labels, norm,
+                           s.real_counts, ev, cfg.extractor, cfg.dataset.image_size, cfg.seed, rt.rank,
                            rt.world_size, rt.device, name=cfg.method.name, soft_probs=soft_probs,
                            temperature=temperature, relabel=relabel)
         if rt.is_main:

@@ -96,7 +96,7 @@ def test_soft_set_evaluates_on_every_track_and_architecture(soft_run):
 
 
 def test_evaluation_reads_soft_labels_as_load_distilled_does(soft_run, tmp_path):
-    """One reader (distilled.soft_probabilities): the stored logits, the same labels stored as probabilities, and
+    """One reader (distilled.decoded_set, as load_distilled): the stored logits, the same labels stored as probabilities, and
     one row per decoded image or per stored image (its f^2 tiles share it) all train the same networks."""
     _, _, out = soft_run
     blob = torch.load(out / "distilled.pt", weights_only=False)
@@ -115,7 +115,13 @@ def test_evaluation_reads_soft_labels_as_load_distilled_does(soft_run, tmp_path)
     with pytest.raises(UserError, match=r"soft_labels has shape .* must be \[N, 10\] with N the \d+ stored or the"):
         evaluate_file(tmp_path / "distilled.pt", ev, "cpu")
     torch.save({**blob, "temperature": None}, tmp_path / "distilled.pt")
-    with pytest.raises(UserError, match=r"without a temperature > 0"):
+    with pytest.raises(UserError, match=r"are logits .* no temperature > 0 .* save `temperature` with them"):
+        evaluate_file(tmp_path / "distilled.pt", ev, "cpu")
+    torch.save({**blob, "soft_labels": torch.softmax(z / t, 1), "temperature": None}, tmp_path / "distilled.pt")
+    with pytest.raises(UserError, match=r"without a temperature > 0"):  # the KD loss is taken at T
+        evaluate_file(tmp_path / "distilled.pt", ev, "cpu")
+    torch.save({**blob, "class_counts": blob["class_counts"][:-1]}, tmp_path / "distilled.pt")
+    with pytest.raises(UserError, match=r"class_counts .* not one count per class of its 10 classes"):
         evaluate_file(tmp_path / "distilled.pt", ev, "cpu")
     assert not list(tmp_path.glob("eval-*.json"))  # refused before evaluating anything
 
