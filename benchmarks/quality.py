@@ -4,7 +4,7 @@ evaluation protocol for all.
     .venv/bin/python benchmarks/quality.py --quick                       # CPU, under 15 minutes
     .venv/bin/python benchmarks/quality.py --split val --if 100 -- synthetic.factor=2 distill.init=mix   # ablation
     .venv/bin/python benchmarks/quality.py --orders natural hardtail --seeds 0 1 2 --reuse \\
-        --results benchmarks/results/quality_full_cpu.json              # the README tables (split over --reuse runs)
+        --results benchmarks/results/quality_full_cpu.json --merge      # the README tables (split over --reuse runs)
     .venv/bin/python benchmarks/quality.py --methods dm csdm --archs convnet vgg11 alexnet resnet18 --reuse
 
 For each class order (`natural`: configs/dataset/fashion_mnist_lt.yaml, `hardtail`: the hard classes in the tail,
@@ -25,7 +25,12 @@ difference to every other method, seed by seed (same seed: same real data, same 
 the seeds both cells have (not the difference of two cells' means, which may be over different seeds), and the
 95 % t interval of that mean over two or more paired seeds (`paired_interval`).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
-invocation would run (else it stops and says which keys differ). `--merge` combines this invocation's cells with
+invocation would run (else it stops and says which keys differ); a run without results.json (interrupted) resumes
+from its last checkpoint. Without `--reuse` a cell whose run directory exists is distilled again from scratch, the
+old run moved aside to `<run dir>.old-<time>` (nothing is deleted). The default `--out-dir` is runs/quality-<mode>
+for the mode's own budget, test split and no overrides, else runs/quality-<mode>-<split>-<hash of the settings>.
+`--results` refuses an existing file unless `--merge` is given (a table is never replaced by a smaller one); the
+out dir's quality.json holds this invocation's cells alone, written before any merge. `--merge` combines this invocation's cells with
 those already in `--results`, seed by seed: a table built over sessions whose run directories are gone (each row and
 seed has its `date`). Extra arguments after `--` are Hydra overrides passed to every distillation.
 """
@@ -34,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -84,7 +88,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--reuse", action="store_true", help="keep runs whose results.json exists (config checked)")
     p.add_argument("--raw-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--data-root", default=str(ROOT / "data"))
-    p.add_argument("--out-dir", type=Path, default=None, help="default: runs/quality-<mode>")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default: runs/quality-<mode>, or runs/quality-<mode>-<split>-<hash> for other settings")
     p.add_argument("--results", type=Path, default=None, help="also write the JSON here (and .md beside it)")
     p.add_argument("--merge", action="store_true",
                    help="with --results: combine this invocation's cells with the rows of the JSON already there, "
@@ -97,6 +102,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.merge and args.results is None:
         p.error("--merge keeps the rows of the --results JSON: give --results")
+    for key in ("orders", "ifs", "ipc", "methods", "seeds", "archs"):  # `--seeds 0 0 1` would count seed 0 twice
+        if getattr(args, key) is not None:
+            setattr(args, key, list(dict.fromkeys(getattr(args, key))))
     return args, extra
 
 
@@ -119,10 +127,28 @@ def settings_overrides(args, mode: str) -> list[str]:
     return [f"{k}={v}" for k, v in s.items()]
 
 
+def default_out_dir(args, mode: str, extra: list[str]) -> Path:
+    """runs/quality-<mode> for the mode's own settings; any other budget, split or overrides get a directory of
+    their own (runs/quality-<mode>-<split>-<hash of them>), so an ablation never reruns the table's cells."""
+    import hashlib
+
+    settings = settings_overrides(args, mode)
+    if args.steps is None and args.split == "test" and not extra:
+        return ROOT / "runs" / f"quality-{mode}"
+    tag = hashlib.sha256(json.dumps([settings, extra]).encode()).hexdigest()[:8]
+    return ROOT / "runs" / f"quality-{mode}-{args.split}-{tag}"
+
+
 def main(argv=None) -> dict:
     args, extra = parse_args(argv)
     mode = "quick" if args.quick else "full"
-    out = args.out_dir or ROOT / "runs" / f"quality-{mode}"
+    out = args.out_dir or default_out_dir(args, mode, extra)
+    if args.results is not None and args.results.is_file() and not args.merge:  # never replace a table's rows
+        raise SystemExit(f"--results {args.results} exists: pass --merge to add this invocation's cells to its rows, "
+                         "or give another --results path (or move the file away) to start a new table")
+    previous = json.loads(args.results.read_text()) if args.merge and args.results.is_file() else None
+    if previous is not None:  # before hours of runs, not after them
+        check_mergeable(previous, args, mode, extra)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_overrides(args, mode)
     rows, reused, t_start = [], 0, time.perf_counter()
@@ -156,9 +182,7 @@ def main(argv=None) -> dict:
                             print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: reusing {run_dir}")
                         else:
                             print(f"[{time.perf_counter() - t_start:6.0f} s] {cell} ...", flush=True)
-                            if run_dir.exists():  # this benchmark's own cell, rerun from scratch
-                                shutil.rmtree(run_dir)
-                            for cmd, log in steps:
+                            for cmd, log in rerun(steps, run_dir, args.reuse):
                                 run(cmd, log)
                         res = json.loads((run_dir / "results.json").read_text())
                         own = res["config"]["eval"]["arch"]
@@ -173,25 +197,34 @@ def main(argv=None) -> dict:
         r["date"] = today
         for seed in r["per_seed"]:
             seed["date"] = today
-    made = len(rows)
-    if args.merge and args.results.is_file():
-        rows = merge_rows(json.loads(args.results.read_text()), rows, args, mode, extra)
     other = json.loads(args.against.read_text())["rows"] if args.against else []
-    table = markdown(rows, args, mode, extra) + track_differences(rows, other) + teachers_markdown(teachers)
-    report = {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
-              "protocol": "dm", "seeds": sorted({k for r in rows for k in r["seeds"]}), "extra_overrides": extra,
-              "settings": settings,
-              "date": today, "machine": machine_info(), "rows": rows,
-              **({"merged_from": str(args.results), "cells_made": made} if args.merge else {}),
-              "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in the rows
-              "reused_runs": reused, **({"teachers": teachers} if teachers else {}),
-              **({"against": str(args.against)} if args.against else {})}
+
+    def report_of(rows: list[dict], teachers: dict, merged: dict) -> tuple[str, dict]:
+        table = markdown(rows, args, mode, extra) + track_differences(rows, other) + teachers_markdown(teachers)
+        return table, {"dataset": "fashion_mnist_lt", "mode": mode, "split": args.split, "labels": args.labels,
+                       "protocol": "dm", "seeds": sorted({k for r in rows for k in r["seeds"]}),
+                       "extra_overrides": extra, "settings": settings, "date": today, "machine": machine_info(),
+                       "rows": rows, **merged,
+                       "total_s": time.perf_counter() - t_start,  # excludes the reused runs: their times are in rows
+                       "reused_runs": reused, **({"teachers": teachers} if teachers else {}),
+                       **({"against": str(args.against)} if args.against else {})}
+
+    def write(path: Path, table: str, report: dict) -> None:
+        path.with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(path.with_suffix(".md"), table + "\n")
+        write_report(path, report)
+
+    # the out dir's quality.json: this invocation's cells, written before a merge that could refuse them
+    table, report = report_of(rows, teachers, {})
+    write(out / "quality.json", table, report)
+    if args.results is not None:
+        if previous is not None:
+            made = len(rows)
+            rows = merge_rows(previous, rows, args, mode, extra)
+            teachers = {**previous.get("teachers", {}), **teachers}  # the teachers of the cells kept from before
+            table, report = report_of(rows, teachers, {"merged_from": str(args.results), "cells_made": made})
+        write(args.results, table, report)
     print(table)
-    for path in [out / "quality.json", args.results]:
-        if path is not None:
-            path.with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
-            files.write_text(path.with_suffix(".md"), table + "\n")
-            write_report(path, report)
     return report
 
 
@@ -207,16 +240,7 @@ def merge_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[st
     the mode, split, label track and overrides that the table's header states, and the budget and protocol
     (`settings`: steps, evaluation epochs, repeats and split; the at-steps points may differ), so that csdm's
     margins never pair cells of two budgets."""
-    def budget(settings):
-        return None if settings is None else [s for s in settings if not s.startswith("eval.at_steps=")]
-
-    want = {"mode": mode, "split": args.split, "labels": args.labels, "extra_overrides": extra,
-            "settings": budget(settings_overrides(args, mode))}
-    previous = {**previous, "settings": budget(previous.get("settings"))}
-    differ = [f"{k} {previous.get(k)!r} (this run: {v!r})" for k, v in want.items() if previous.get(k) != v]
-    if differ:
-        raise SystemExit(f"--merge: {args.results} was made with other {', '.join(differ)}; write to another "
-                         "--results file, or rerun its cells with these settings")
+    check_mergeable(previous, args, mode, extra)
     new = {cell_key(r): r for r in rows}
     merged = []
     for r in previous["rows"]:
@@ -230,6 +254,20 @@ def merge_rows(previous: dict, rows: list[dict], args, mode: str, extra: list[st
         seeds = sorted([s for s in earlier if s["seed"] not in fresh] + mine["per_seed"], key=lambda s: s["seed"])
         merged.append({**cell_row(*cell_key(r), seeds), "date": mine["date"]})
     return merged + list(new.values())
+
+
+def check_mergeable(previous: dict, args, mode: str, extra: list[str]) -> None:
+    """SystemExit unless the earlier report shares the mode, split, label track, overrides and budget (merge_rows)."""
+    def budget(settings):
+        return None if settings is None else [s for s in settings if not s.startswith("eval.at_steps=")]
+
+    want = {"mode": mode, "split": args.split, "labels": args.labels, "extra_overrides": extra,
+            "settings": budget(settings_overrides(args, mode))}
+    previous = {**previous, "settings": budget(previous.get("settings"))}
+    differ = [f"{k} {previous.get(k)!r} (this run: {v!r})" for k, v in want.items() if previous.get(k) != v]
+    if differ:
+        raise SystemExit(f"--merge: {args.results} was made with other {', '.join(differ)}; write to another "
+                         "--results file, or rerun its cells with these settings")
 
 
 TEACHER_KEYS = ("teacher.", "dataset.")  # the overrides after -- that shape a teacher
@@ -293,6 +331,16 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
     return steps, distil
 
 
+def rerun(steps: list, run_dir: Path, reuse: bool) -> list:
+    """The steps of a cell to (re)make. An existing run directory without --reuse is distilled again from scratch:
+    distill moves the old run aside to <run_dir>.old-<time> (nothing is deleted); with --reuse, one without
+    results.json (interrupted) resumes from its last checkpoint, as distill does by default."""
+    if not run_dir.exists() or reuse:
+        return steps
+    cmd, log = steps[-1]
+    return [*steps[:-1], ([*cmd, "resume=false", "overwrite=true"], log)]
+
+
 def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_start: float, cell: str) -> dict:
     """The run's results.json `res` with its accuracy (and eval timing and settings) from the evaluation of its set
     on `arch`: the record python -m csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with
@@ -313,7 +361,8 @@ def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_s
              f"device={device}"], log)
         have = json.loads(path.read_text())
     config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch}}
-    return {**res, "config": config, "accuracy": have["accuracy"], "timing": {**res["timing"], "eval_s": have["eval_s"]}}
+    return {**res, "config": config, "accuracy": have["accuracy"], "timing": {**res["timing"], "eval_s": have["eval_s"]},
+            "accuracy_at_steps": {}}  # the run's curve was measured on its own network, not on this one
 
 
 def check_reusable(run_dir: Path, overrides: list[str]) -> None:

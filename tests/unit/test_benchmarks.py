@@ -196,6 +196,38 @@ def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(
     assert "--merge keeps the rows of the --results JSON: give --results" in capsys.readouterr().err
 
 
+def test_quality_never_replaces_a_table_or_deletes_a_run(tmp_path):
+    """An existing --results file is refused without --merge, and a --merge into a table of another protocol is
+    refused, both before anything is built or run; a cell rerun without --reuse moves its old run aside (distill's
+    resume=false overwrite=true), with --reuse an interrupted run resumes; repeated values count once."""
+    import quality
+    from common import compose
+
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"mode": "full", "split": "test", "labels": "hard", "extra_overrides": [],
+                                 "settings": [], "date": "2026-12-01", "rows": []}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--results .*table\.json exists: pass --merge"):
+        quality.main(["--results", str(table), "--out-dir", str(out), "--raw-root", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match=r"--merge: .*table\.json was made with other settings"):
+        quality.main(["--results", str(table), "--merge", "--out-dir", str(out), "--raw-root", str(tmp_path)])
+    assert not out.exists()  # refused before the out dir, the shards or any run
+    args, extra = quality.parse_args(["--seeds", "0", "0", "1", "--methods", "dm", "csdm", "dm", "--if", "100", "100"])
+    assert args.seeds == [0, 1] and args.methods == ["dm", "csdm"] and args.ifs == [100.0]
+    steps = [(["python", "-m", "data_prep.extract_features"], "a.log"), (["python", "-m", "csdm_dist.distill"], "b.log")]
+    run_dir = tmp_path / "run"
+    assert quality.rerun(steps, run_dir, reuse=False) == steps  # nothing there: a fresh run
+    run_dir.mkdir()
+    assert quality.rerun(steps, run_dir, reuse=True) == steps  # resumes (distill's default resume=true)
+    again = quality.rerun(steps, run_dir, reuse=False)
+    assert again[0] == steps[0] and again[1] == (steps[1][0] + ["resume=false", "overwrite=true"], "b.log")
+    assert compose(["resume=false", "overwrite=true"]).overwrite  # overrides distill takes
+    assert quality.default_out_dir(args, "full", []).name == "quality-full"  # the table's own runs
+    ablation = quality.default_out_dir(quality.parse_args(["--split", "val"])[0], "full", ["synthetic.factor=1"])
+    assert ablation.name.startswith("quality-full-val-") and ablation != quality.default_out_dir(
+        quality.parse_args(["--split", "val"])[0], "full", ["synthetic.factor=3"])
+
+
 def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_network():
     import quality
 
@@ -280,9 +312,11 @@ def test_quality_soft_track_end_to_end(tmp_path):
             "eval.epochs=1", "eval.repeats=1", "ipc=2", "dataset.n_max=null", "dataset.val_per_class=0",
             "teacher.width=16", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=32"]
     argv = ["--quick", "--labels", "soft", "--if", "10", "--ipc", "2", "--methods", "random", "csdm", "--steps", "2",
-            "--archs", "convnet", "alexnet", "--raw-root", str(raw), "--data-root", str(tmp_path / "data"),
-            "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--", *tiny]
+            "--archs", "convnet", "alexnet", "--at-steps", "1", "--raw-root", str(raw), "--data-root",
+            str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--", *tiny]
     report = quality.main(argv)
+    curves = {(r["method"], r["arch"]): r["per_seed"][0]["at_steps"] for r in report["rows"]}
+    assert "1" in curves["csdm", "convnet"] and curves["csdm", "alexnet"] == {}  # no curve of another network
     (cell, teacher), = report["teachers"].items()
     assert cell == "natural IF 10" and Path(teacher["path"]).is_file() and 0 <= teacher["accuracy"]["mean"] <= 100
     assert [(r["method"], r["arch"]) for r in report["rows"]] == [
@@ -308,6 +342,10 @@ def test_quality_soft_track_end_to_end(tmp_path):
     rec = {p.parent.parent.name: p for p in records}
     assert rec["random-soft"].stat().st_mtime_ns == stamps[records.index(rec["random-soft"])]
     assert json.loads(rec["csdm-soft"].read_text())["distilled_sha256"] == file_sha256(changed)
+    (changed.parent / "results.json").unlink()  # an interrupted run: --reuse resumes it, nothing is deleted
+    resumed = quality.main(["--reuse", *argv])
+    assert resumed["reused_runs"] == 1 and (changed.parent / "results.json").is_file()
+    assert not list((tmp_path / "out").rglob("*.old-*"))
     for r in report["rows"][::2]:
         assert r["labels"] == "soft" and r["settings"]["labels"]["teacher"] == teacher["path"]
         run = tmp_path / "out" / "natural" / "if10" / "ipc2" / f"{r['method']}-soft" / "seed0"
