@@ -310,6 +310,19 @@ def teachers_markdown(teachers: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+POOL_KEYS = ("extractor.", "dataset.")  # the overrides that shape a csdm-features pool
+
+
+def pool_file(args, order: str, imb: float, mode: str, seed: int, overrides: list[str]) -> Path:
+    """<data root>/pools/fmnist-<order>-if<IF>-<mode>[-<tag>]-s<seed>.pt; tag: a hash of the extractor.* and
+    dataset.* overrides when there are any, so a pool pretrained with other settings is never reused for these."""
+    import hashlib
+
+    shaping = sorted(o for o in overrides if o.startswith(POOL_KEYS))
+    tag = f"-{hashlib.sha256(' '.join(shaping).encode()).hexdigest()[:8]}" if shaping else ""
+    return Path(args.data_root) / "pools" / f"fmnist-{order}-if{imb:g}-{mode}{tag}-s{seed}.pt"
+
+
 def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, overrides: list[str],
              out: Path) -> tuple[list, list[str]]:
     """One run: the (command, log file) steps to execute, and the distillation's overrides (for the reuse check)."""
@@ -317,7 +330,7 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
     common = [*data, f"dataset.imbalance_factor={imb:g}", f"seed={seed}", f"device={args.device}"]
     steps, source = [], []
     if method == "csdm-features":
-        pool = Path(args.data_root) / "pools" / f"fmnist-{order}-if{imb:g}-{mode}-s{seed}.pt"
+        pool = pool_file(args, order, imb, mode, seed, overrides)
         source = ["extractor.mode=pool", "extractor.interpolate=false", f"extractor.pool_path={pool}"]
         if not pool.is_file():
             steps.append(([py, "-m", "csdm_dist.pretrain", *common, *POOL[mode], f"extractor.pool_path={pool}",

@@ -223,6 +223,10 @@ def test_quality_never_replaces_a_table_or_deletes_a_run(tmp_path):
     assert again[0] == steps[0] and again[1] == (steps[1][0] + ["resume=false", "overwrite=true"], "b.log")
     assert compose(["resume=false", "overwrite=true"]).overwrite  # overrides distill takes
     assert quality.default_out_dir(args, "full", []).name == "quality-full"  # the table's own runs
+    pool = quality.pool_file(args, "natural", 100.0, "full", 0, ["eval.repeats=2"])
+    assert pool.name == "fmnist-natural-if100-full-s0.pt"  # no pool-shaping override: the name as before
+    wider = quality.pool_file(args, "natural", 100.0, "full", 0, ["extractor.pool_epochs=20", "eval.repeats=2"])
+    assert wider != pool and wider == quality.pool_file(args, "natural", 100.0, "full", 0, ["extractor.pool_epochs=20"])
     ablation = quality.default_out_dir(quality.parse_args(["--split", "val"])[0], "full", ["synthetic.factor=1"])
     assert ablation.name.startswith("quality-full-val-") and ablation != quality.default_out_dir(
         quality.parse_args(["--split", "val"])[0], "full", ["synthetic.factor=3"])
