@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
                         res = json.loads((run_dir / "results.json").read_text())
                         own = res["config"]["eval"]["arch"]
                         for arch in args.archs or [own]:
-                            log = out / f"{order}-if{imb:g}-ipc{ipc}-{method}-s{seed}-eval-{arch}.log"
+                            log = out / f"{order}-if{imb:g}-ipc{ipc}-{track}-s{seed}-eval-{arch}.log"
                             on_arch = res if arch == own else arch_result(run_dir, res, arch, args.device, log,
                                                                           t_start, cell)
                             seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
@@ -340,7 +340,8 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
         source += ["real_source=features", *POOL[mode]]
     distil = [*common, f"method={method.split('-')[0]}", f"ipc={ipc}", "baseline=false", f"out_dir={run_dir}",
               *source, *overrides]
-    steps.append(([py, "-m", "csdm_dist.distill", *distil], out / f"{order}-if{imb:g}-ipc{ipc}-{method}-s{seed}.log"))
+    track = run_dir.parent.name  # the method, with -soft on the soft track: a log per run directory
+    steps.append(([py, "-m", "csdm_dist.distill", *distil], out / f"{order}-if{imb:g}-ipc{ipc}-{track}-s{seed}.log"))
     return steps, distil
 
 
@@ -410,7 +411,7 @@ def differences(want: dict, have: dict, prefix: str = "") -> list[str]:
 def seed_result(seed: int, res: dict) -> dict:
     acc, cfg = res["accuracy"], res["config"]
     return {"seed": seed, "mean": acc["mean"], "std": acc["std"], "many": acc["many"], "medium": acc["medium"],
-            "few": acc["few"], "per_class": acc["per_class"], "class_names": res.get("class_names"),
+            "few": acc["few"], "per_class": acc.get("per_class"), "class_names": res.get("class_names"),
             # which classes each class's test images were taken for (runs from before it was recorded: None)
             "confused_with": acc.get("confused_with"),
             "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],

@@ -321,6 +321,7 @@ def test_quality_soft_track_end_to_end(tmp_path):
     report = quality.main(argv)
     curves = {(r["method"], r["arch"]): r["per_seed"][0]["at_steps"] for r in report["rows"]}
     assert "1" in curves["csdm", "convnet"] and curves["csdm", "alexnet"] == {}  # no curve of another network
+    assert (tmp_path / "out" / "natural-if10-ipc2-csdm-soft-s0.log").is_file()  # a log per run dir (track named)
     (cell, teacher), = report["teachers"].items()
     assert cell == "natural IF 10" and Path(teacher["path"]).is_file() and 0 <= teacher["accuracy"]["mean"] <= 100
     assert [(r["method"], r["arch"]) for r in report["rows"]] == [
