@@ -30,14 +30,16 @@ from its last checkpoint. Without `--reuse` a cell whose run directory exists is
 old run moved aside to `<run dir>.old-<time>` (nothing is deleted). The default `--out-dir` is runs/quality-<mode>
 for the mode's own budget, test split and no overrides, else runs/quality-<mode>-<split>-<hash of the settings>.
 `--results` refuses an existing file unless `--merge` is given (a table is never replaced by a smaller one); the
-out dir's quality.json holds this invocation's cells alone, written before any merge. `--merge` combines this invocation's cells with
-those already in `--results`, seed by seed: a table built over sessions whose run directories are gone (each row and
-seed has its `date`). Extra arguments after `--` are Hydra overrides passed to every distillation.
+out dir's quality.json holds this invocation's cells alone, written before any merge. `--merge` combines this
+invocation's cells with those already in `--results`, seed by seed: a table built over sessions whose run
+directories are gone (each row and seed has its `date`). Extra arguments after `--` are Hydra overrides passed to
+every distillation.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import statistics
 import subprocess
@@ -127,16 +129,18 @@ def settings_overrides(args, mode: str) -> list[str]:
     return [f"{k}={v}" for k, v in s.items()]
 
 
+def short_hash(text: str) -> str:
+    """The 8-hex-digit tag of some settings in a file or directory name (teachers, pools, ablation out dirs)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def default_out_dir(args, mode: str, extra: list[str]) -> Path:
     """runs/quality-<mode> for the mode's own settings; any other budget, split or overrides get a directory of
     their own (runs/quality-<mode>-<split>-<hash of them>), so an ablation never reruns the table's cells."""
-    import hashlib
-
     settings = settings_overrides(args, mode)
     if args.steps is None and args.split == "test" and not extra:
         return ROOT / "runs" / f"quality-{mode}"
-    tag = hashlib.sha256(json.dumps([settings, extra]).encode()).hexdigest()[:8]
-    return ROOT / "runs" / f"quality-{mode}-{args.split}-{tag}"
+    return ROOT / "runs" / f"quality-{mode}-{args.split}-{short_hash(json.dumps([settings, extra]))}"
 
 
 def main(argv=None) -> dict:
@@ -277,12 +281,9 @@ def teacher_file(args, order: str, imb: float, extra: list[str]) -> Path:
     """<data root>/teachers/quality-<order>-if<IF>-<tag>-s<seed>.pt; tag: a hash of the teacher's settings (the
     teacher.* config the overrides give, defaults included) and the dataset.* overrides, so a teacher made with
     other settings, or with other defaults, is never taken for this one."""
-    import hashlib
-
     teacher = asdict(compose([o for o in extra if o.startswith("teacher.")]).teacher)
     keys = json.dumps(teacher, sort_keys=True) + " ".join(sorted(o for o in extra if o.startswith("dataset.")))
-    tag = hashlib.sha256(keys.encode()).hexdigest()[:8]
-    return Path(args.data_root) / "teachers" / f"quality-{order}-if{imb:g}-{tag}-s{args.teacher_seed}.pt"
+    return Path(args.data_root) / "teachers" / f"quality-{order}-if{imb:g}-{short_hash(keys)}-s{args.teacher_seed}.pt"
 
 
 def teacher_command(data: list[str], imb: float, args, path: Path, extra: list[str]) -> list[str]:
@@ -316,10 +317,8 @@ POOL_KEYS = ("extractor.", "dataset.")  # the overrides that shape a csdm-featur
 def pool_file(args, order: str, imb: float, mode: str, seed: int, overrides: list[str]) -> Path:
     """<data root>/pools/fmnist-<order>-if<IF>-<mode>[-<tag>]-s<seed>.pt; tag: a hash of the extractor.* and
     dataset.* overrides when there are any, so a pool pretrained with other settings is never reused for these."""
-    import hashlib
-
     shaping = sorted(o for o in overrides if o.startswith(POOL_KEYS))
-    tag = f"-{hashlib.sha256(' '.join(shaping).encode()).hexdigest()[:8]}" if shaping else ""
+    tag = f"-{short_hash(' '.join(shaping))}" if shaping else ""
     return Path(args.data_root) / "pools" / f"fmnist-{order}-if{imb:g}-{mode}{tag}-s{seed}.pt"
 
 
@@ -375,7 +374,8 @@ def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_s
              f"device={device}"], log)
         have = json.loads(path.read_text())
     config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch}}
-    return {**res, "config": config, "accuracy": have["accuracy"], "timing": {**res["timing"], "eval_s": have["eval_s"]},
+    timing = {**res["timing"], "eval_s": have["eval_s"]}
+    return {**res, "config": config, "accuracy": have["accuracy"], "timing": timing,
             "accuracy_at_steps": {}}  # the run's curve was measured on its own network, not on this one
 
 

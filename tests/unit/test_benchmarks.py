@@ -214,7 +214,8 @@ def test_quality_never_replaces_a_table_or_deletes_a_run(tmp_path):
     assert not out.exists()  # refused before the out dir, the shards or any run
     args, extra = quality.parse_args(["--seeds", "0", "0", "1", "--methods", "dm", "csdm", "dm", "--if", "100", "100"])
     assert args.seeds == [0, 1] and args.methods == ["dm", "csdm"] and args.ifs == [100.0]
-    steps = [(["python", "-m", "data_prep.extract_features"], "a.log"), (["python", "-m", "csdm_dist.distill"], "b.log")]
+    steps = [(["python", "-m", "data_prep.extract_features"], "a.log"),
+             (["python", "-m", "csdm_dist.distill"], "b.log")]
     run_dir = tmp_path / "run"
     assert quality.rerun(steps, run_dir, reuse=False) == steps  # nothing there: a fresh run
     run_dir.mkdir()
