@@ -130,7 +130,8 @@ def settings_overrides(args, mode: str) -> list[str]:
 
 
 def short_hash(text: str) -> str:
-    """The 8-hex-digit tag of some settings in a file or directory name (teachers, pools, ablation out dirs)."""
+    """The 8-hex-digit tag of some settings: in a file or directory name (teachers, pools, ablation out dirs), and
+    a run's setup_hash."""
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -416,7 +417,28 @@ def seed_result(seed: int, res: dict) -> dict:
             "confused_with": acc.get("confused_with"),
             "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
             "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
-            "settings": settings_of(cfg, res.get("precision"))}
+            "settings": settings_of(cfg, res.get("precision")), "setup_hash": setup_hash(cfg)}
+
+
+# config keys that differ between the seeds of one cell, or between machines, without changing what a seed measures:
+# the seed itself, where files live (paths, the per-seed pool file), and the extra evaluation points along the way
+NOT_SETUP = {"seed", *RUN_ONLY, "dataset.raw_root", "dataset.data_root", "extractor.pool_path", "features.dir",
+             "labels.teacher", "eval.at_steps"}
+
+
+def setup_hash(cfg: dict) -> str:
+    """A hash of a run's whole stored config except NOT_SETUP: the seeds of one cell must share it, so that a cell
+    never averages (nor pairs) seeds made under different code defaults that settings_of does not list."""
+    flat = {}
+
+    def walk(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in NOT_SETUP:
+                flat[f"{prefix}{k}"] = v
+    walk(cfg)
+    return short_hash(json.dumps(flat, sort_keys=True, default=str))
 
 
 def settings_of(cfg: dict, precision: str | None) -> dict:
@@ -441,6 +463,12 @@ def cell_row(order: str, imb: float, ipc: int, method: str, labels: str, arch: s
     settings = [s["settings"] for s in seeds]
     if any(s != settings[0] for s in settings):
         raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different settings")
+    # seeds tabulated before the hash was recorded carry none and are checked by their settings only
+    hashes = {s["seed"]: s["setup_hash"] for s in seeds if s.get("setup_hash")}
+    if len(set(hashes.values())) > 1:
+        raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different configs "
+                         f"(setup hash per seed: {hashes}); rerun the older seeds with this code (quality.py "
+                         "without --reuse), or tabulate them in another --results file")
     steps = sorted({k for s in seeds for k in s["at_steps"]}, key=int)
     curve = {k: statistics.fmean(s["at_steps"][k] for s in seeds) for k in steps
              if all(k in s["at_steps"] for s in seeds)}

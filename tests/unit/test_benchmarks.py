@@ -126,6 +126,31 @@ def test_quality_rows_report_csdm_paired_margins_settings_and_curves():
         quality.cell_row("hardtail", 10.0, 10, "dm", "hard", "convnet", mixed)
 
 
+def test_quality_refuses_a_cell_whose_seeds_ran_under_different_configs():
+    import quality
+
+    cfg = {"seed": 0, "out_dir": "runs/a/seed0", "dataset": {"data_root": "/a", "imbalance_factor": 100.0},
+           "distill": {"iterations": 1000, "real_chunk": 2048}, "eval": {"at_steps": [], "epochs": 300}}
+    same = {**cfg, "seed": 1, "out_dir": "runs/b/seed1", "dataset": {"data_root": "/b", "imbalance_factor": 100.0},
+            "eval": {"at_steps": [100], "epochs": 300}}
+    # seed, paths and the extra evaluation points are not part of what a seed measures; any other key is
+    assert quality.setup_hash(cfg) == quality.setup_hash(same)
+    other = {**cfg, "distill": {"iterations": 1000, "real_chunk": 512}}  # a key settings_of does not list
+    assert quality.setup_hash(other) != quality.setup_hash(cfg)
+
+    def seed(k, c):
+        return {"seed": k, "mean": 80.0, "std": 0.1, "many": 80.0, "medium": 80.0, "few": 75.0, "distill_s": 1.0,
+                "eval_s": 1.0, "at_steps": {}, "settings": SETTINGS, "setup_hash": None if c is None else
+                quality.setup_hash(c)}
+
+    row = quality.cell_row("natural", 100.0, 10, "csdm", "hard", "convnet", [seed(0, cfg), seed(1, same)])
+    assert row["seeds"] == [0, 1]
+    # a seed tabulated before the hash was recorded is checked by its settings only
+    assert quality.cell_row("natural", 100.0, 10, "csdm", "hard", "convnet", [seed(0, None), seed(1, other)])
+    with pytest.raises(SystemExit, match="different configs .*rerun the older seeds"):
+        quality.cell_row("natural", 100.0, 10, "csdm", "hard", "convnet", [seed(0, cfg), seed(1, other)])
+
+
 def test_quality_pairs_the_few_group_by_seed_and_tables_per_class_recall_by_name_or_index():
     import quality
 
