@@ -37,6 +37,7 @@ from .extractors import file_sha256, resolve_precision
 from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
 from .softlabels import FP32_BYTES, soft_targets
+from .pretrain import check_pool
 from .teacher import Teacher, load_teacher
 from .preempt import StopSignal
 from .synthetic import SyntheticSet, mix_order, pick_real_init
@@ -135,6 +136,8 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     # soft labels (labels.kind=soft) or online relabelling need the teacher: checked before anything is written
     needs_teacher = cfg.labels.kind == "soft" or (cfg.evaluate and cfg.eval.relabel == "online")
     teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
+    if cfg.extractor.mode == "pool":  # a pool of this build and network, checked before anything is written
+        check_pool(Path(cfg.extractor.pool_path), cfg, manifest)
     chash = config_hash(cfg)
     action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, cfg.distill.iterations, rt.rank, log)
     if action == rundir.FINISHED and not cfg.reevaluate:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from . import files, rng
 from .augment import NUM_UNIFORMS, OPS, augment
-from .config import Config, register_configs, to_config
+from .config import Config, ConfigError, register_configs, to_config
+from .data.manifest import build_provenance
 from .data.normalization import resolve_normalization
 from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import close_distributed, init_distributed
@@ -27,10 +28,49 @@ from .models import build_network, reinit_
 
 log = logging.getLogger("csdm_dist.pretrain")
 
+# the network fields of a pool's provenance, each with the config key that sets it
+POOL_NET_KEYS = {"arch": "extractor.arch", "width": "extractor.width", "depth": "extractor.depth",
+                 "norm": "extractor.norm"}
+
 
 def default_pool_path(cfg: Config) -> Path:
     e = cfg.extractor
     return dataset_dir(cfg.dataset) / "pools" / f"{e.arch}-w{e.width}-d{e.depth_at(cfg.dataset.image_size)}-{e.norm}-k{e.pool_size}-s{cfg.seed}.pt"
+
+
+def pool_provenance(cfg: Config, manifest: dict) -> dict:
+    """What a pool file must have been made with to serve this config: the dataset build its members trained on
+    (a pool of another build may have seen this build's validation images) and the extractor network."""
+    e = cfg.extractor
+    return {**build_provenance(manifest, cfg.dataset), "arch": e.arch, "width": e.width,
+            "depth": e.depth_at(cfg.dataset.image_size), "norm": e.norm}
+
+
+def check_pool(path: Path, cfg: Config, manifest: dict) -> None:
+    """Refuse (before a run writes anything) a pool made from another dataset build or for another network, and a
+    pool that does not say what it was made from (written before pools recorded it, 2026-12-07)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"extractor pool {path} not found; build it with `python -m csdm_dist.pretrain` "
+                                "(same dataset and extractor settings) or use extractor.mode=random")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    rebuild = ("rebuild it with `python -m csdm_dist.pretrain` and this run's dataset and extractor overrides, or "
+               "point extractor.pool_path at a pool of this build")
+    recorded = blob.get("provenance") if isinstance(blob, dict) else None
+    if recorded is None:
+        raise ConfigError(f"invalid config `extractor.pool_path`: the pool {path} does not record the dataset build "
+                          f"it was trained on (written before pools recorded it); {rebuild}")
+    want = pool_provenance(cfg, manifest)
+    data = [k for k in want if k not in POOL_NET_KEYS and recorded.get(k) != want[k]]
+    if data:
+        diff = ", ".join(f"{k}: pool {recorded.get(k)!r} vs config {want[k]!r}" for k in data)
+        raise ConfigError(f"invalid config `extractor.pool_path`: the pool {path} was trained on another dataset "
+                          f"build ({diff}); {rebuild}")
+    net = [k for k in POOL_NET_KEYS if recorded.get(k) != want[k]]
+    if net:
+        keys = ", ".join(f"`{POOL_NET_KEYS[k]}`" for k in net)
+        made = ", ".join(f"{k}={recorded.get(k)!r}" for k in net)
+        raise ConfigError(f"invalid config {keys}: the pool {path} was made with {made}; pass the extractor.* "
+                          f"settings it was made with, or {rebuild}")
 
 
 def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor, norm: Normalizer,
@@ -77,7 +117,8 @@ def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor
 
 def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     ddir = dataset_dir(cfg.dataset)
-    cfg.dataset = resolve_normalization(cfg.dataset, load_manifest(ddir), ddir)  # empty mean/std: the build's
+    manifest = load_manifest(ddir)
+    cfg.dataset = resolve_normalization(cfg.dataset, manifest, ddir)  # empty mean/std: the build's
     data = read_split(ddir, "train", 0, 1)
     images, labels = data.images.to(device), data.labels.to(device)
     norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, device)
@@ -92,7 +133,8 @@ def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
     path = Path(cfg.extractor.pool_path) if cfg.extractor.pool_path else default_pool_path(cfg)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        files.save_torch({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor)}, path)
+        files.save_torch({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor),
+                          "provenance": pool_provenance(cfg, manifest)}, path)
         last = [m["history"][-1] for m in members if m["history"]]
         fit = (f"; last epoch's training loss {min(h['loss'] for h in last):.4f} to {max(h['loss'] for h in last):.4f}, "
                f"accuracy {min(h['accuracy'] for h in last):.2f} to {max(h['accuracy'] for h in last):.2f} %"

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from . import files, formation, rng
 from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config, ConfigError, register_configs, to_config
+from .data.manifest import build_provenance
 from .data.normalization import resolve_normalization
 from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import Runtime, close_distributed, init_distributed
@@ -87,10 +88,7 @@ def teacher_provenance(cfg: Config, manifest: dict) -> dict:
     """What a teacher file must have been made with to serve this config (checked field by field)."""
     d, t = cfg.dataset, cfg.teacher
     convnet = t.arch == "convnet"
-    return {"dataset": manifest["name"], "data_config_hash": manifest["config_hash"],
-            "ids_hash": manifest["train"].get("ids_hash"), "counts": [int(n) for n in manifest["train"]["counts"]],
-            "channels": d.channels, "image_size": d.image_size, "mean": [float(v) for v in d.mean],
-            "std": [float(v) for v in d.std], "arch": t.arch, "width": t.width if convnet else None,
+    return {**build_provenance(manifest, d), "arch": t.arch, "width": t.width if convnet else None,
             "depth": t.depth_at(d.image_size) if convnet else None, "norm": t.norm, "loss": t.loss,
             "tau": training_tau(t.loss, t.tau), "tile_factors": tile_factors(t)}
 

@@ -283,6 +283,16 @@ def check_counts(manifest_counts, counts_read, *, manifest_path: Path, rebuild: 
                             f"{rebuild}")
 
 
+def build_provenance(manifest: dict, cfg: DataConfig) -> dict:
+    """The dataset build a trained network (a teacher, a pool) learnt from, as its file records it and a run
+    checks it: the build's name and config hash, the training split's ids and counts, the input shape and the
+    normalisation (cfg's mean / std, resolved against the build)."""
+    return {"dataset": manifest["name"], "data_config_hash": manifest["config_hash"],
+            "ids_hash": manifest["train"].get("ids_hash"), "counts": [int(n) for n in manifest["train"]["counts"]],
+            "channels": cfg.channels, "image_size": cfg.image_size, "mean": [float(v) for v in cfg.mean],
+            "std": [float(v) for v in cfg.std]}
+
+
 def ids_hash(ids, labels) -> str:
     """sha256 of the (id, label) pairs of a split, sorted by id, as little-endian int64."""
     ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)

@@ -92,6 +92,29 @@ def test_pool_extractor_pretrain_then_distil(data_overrides, tmp_path):
                                             "distill.iterations=2", "evaluate=false", f"out_dir={tmp_path / 'r'}"])
     assert res["timing"]["steps"] == 2
 
+    # the pool records what it was made from; a pool of another build or network, or one that records nothing,
+    # is refused at start-up, naming the key, before anything is written
+    blob = torch.load(pool, weights_only=True)
+    prov = blob["provenance"]
+    assert prov["dataset"] == "fashion_mnist_lt" and prov["counts"] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3]
+    assert prov["norm"] == "instancenorm" and len(prov["data_config_hash"]) > 0
+
+    def refused(edit, match):
+        bad = tmp_path / "bad.pt"
+        torch.save(edit(dict(blob)), bad)
+        out = tmp_path / "refused"
+        with pytest.raises(ConfigError, match=match):
+            distil(data_overrides + TINY + ["extractor.mode=pool", f"extractor.pool_path={bad}",
+                                            "distill.iterations=2", "evaluate=false", f"out_dir={out}"])
+        assert not out.exists()
+
+    refused(lambda b: {**b, "provenance": {**prov, "data_config_hash": "another"}},
+            r"`extractor\.pool_path`: .* another dataset build \(data_config_hash: pool 'another'")
+    refused(lambda b: {**b, "provenance": {**prov, "counts": [1] * 10}}, r"another dataset build \(counts")
+    refused(lambda b: {**b, "provenance": {**prov, "norm": "batchnorm"}},
+            r"`extractor\.norm`: the pool .* norm='batchnorm'")
+    refused(lambda b: {k: v for k, v in b.items() if k != "provenance"}, r"does not record the dataset build")
+
 
 @pytest.mark.parametrize("override,key", [("method.kernel.name=rbf", "method.kernel.name"),
                                           ("method.weighting.alpha_head=1.0", "method.weighting.alpha_head"),
