@@ -38,9 +38,12 @@ every distillation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -223,14 +226,45 @@ def main(argv=None) -> dict:
     table, report = report_of(rows, teachers, {})
     write(out / "quality.json", table, report)
     if args.results is not None:
-        if previous is not None:
+        table, report = write_results(args, rows, teachers, report_of, write, out, mode, extra)
+    print(table)
+    return report
+
+
+@contextlib.contextmanager
+def results_lock(path: Path):
+    """An exclusive lock (flock) on the folder of a results file, held while it is read, merged and written, so two
+    invocations that merge into one table (two queues, two SLURM jobs) take turns instead of one losing the other's
+    cells."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def write_results(args, rows: list[dict], teachers: dict, report_of, write, out: Path, mode: str,
+                  extra: list[str]) -> tuple[str, dict]:
+    """Write this invocation's cells to --results: merged (--merge) with the rows the file holds now, read again
+    under results_lock, not as it was when the invocation started hours before (another invocation may have merged
+    its cells since); a file that appeared meanwhile without --merge is refused, the cells staying in out."""
+    with results_lock(args.results):
+        previous = json.loads(args.results.read_text()) if args.results.is_file() else None
+        if previous is not None and not args.merge:
+            raise SystemExit(f"--results {args.results} was written by another invocation while this one ran; this "
+                             f"invocation's cells are in {out / 'quality.json'}: rerun with --reuse --merge to add "
+                             "them (every run is reused)")
+        if previous is None:
+            table, report = report_of(rows, teachers, {})
+        else:
             made = len(rows)
             rows = merge_rows(previous, rows, args, mode, extra)
             teachers = {**previous.get("teachers", {}), **teachers}  # the teachers of the cells kept from before
             table, report = report_of(rows, teachers, {"merged_from": str(args.results), "cells_made": made})
         write(args.results, table, report)
-    print(table)
-    return report
+    return table, report
 
 
 def cell_key(row: dict) -> tuple:

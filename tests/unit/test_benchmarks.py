@@ -221,6 +221,55 @@ def test_quality_merge_combines_cells_seed_by_seed_and_refuses_another_protocol(
     assert "--merge keeps the rows of the --results JSON: give --results" in capsys.readouterr().err
 
 
+def test_quality_merges_into_the_table_as_it_is_at_the_end_and_takes_turns(tmp_path):
+    """The --results file is read again, under a lock, when an invocation ends: cells another invocation merged
+    meanwhile are kept, a writer waits for the lock, and a table that appeared meanwhile is refused without
+    --merge (the cells stay in the out dir)."""
+    import threading
+
+    import quality
+
+    def row(method, seeds):
+        return {**quality.cell_row("natural", 100.0, 10, method, "hard", "convnet", [
+            {"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m, "distill_s": 1.0, "eval_s": 1.0,
+             "at_steps": {}, "settings": SETTINGS, "date": "2026-12-07"} for k, m in seeds]), "date": "2026-12-07"}
+
+    results = tmp_path / "results" / "table.json"
+    args, extra = quality.parse_args(["--results", str(results), "--merge", "--if", "100"])
+
+    def report_of(rows, teachers, merged):
+        return "table", {"mode": "full", "split": "test", "labels": "hard", "extra_overrides": extra,
+                         "settings": quality.settings_overrides(args, "full"), "date": "2026-12-07", "rows": rows,
+                         **merged}
+
+    def write(path, table, report):
+        path.write_text(json.dumps(report))
+
+    # another invocation merged a dm cell after this one started (when the file did not exist yet)
+    results.parent.mkdir()
+    write(results, *report_of([row("dm", [(0, 82.0)])], {}, {}))
+    quality.write_results(args, [row("csdm", [(0, 84.0)])], {}, report_of, write, tmp_path, "full", extra)
+    kept = json.loads(results.read_text())
+    assert [(r["method"], r["accuracy"]) for r in kept["rows"]] == [("dm", [82.0]), ("csdm", [84.0])]
+
+    # a second writer waits while the lock is held, then merges into what the first one wrote
+    with quality.results_lock(results):
+        t = threading.Thread(target=quality.write_results,
+                             args=(args, [row("csdm", [(1, 85.0)])], {}, report_of, write, tmp_path, "full", extra))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and json.loads(results.read_text()) == kept
+        write(results, *report_of(kept["rows"] + [row("ncfm", [(0, 83.0)])], {}, {}))
+    t.join(10)
+    merged = {r["method"]: r["accuracy"] for r in json.loads(results.read_text())["rows"]}
+    assert merged == {"dm": [82.0], "csdm": [84.0, 85.0], "ncfm": [83.0]}
+
+    args.merge = False  # started before the table existed, ends after another invocation wrote it
+    with pytest.raises(SystemExit, match=r"written by another invocation while this one ran; .*quality\.json"):
+        quality.write_results(args, [row("csdm", [(2, 86.0)])], {}, report_of, write, tmp_path, "full", extra)
+    assert {r["method"] for r in json.loads(results.read_text())["rows"]} == {"dm", "csdm", "ncfm"}
+
+
 def test_quality_never_replaces_a_table_or_deletes_a_run(tmp_path):
     """An existing --results file is refused without --merge, and a --merge into a table of another protocol is
     refused, both before anything is built or run; a cell rerun without --reuse moves its old run aside (distill's
