@@ -133,8 +133,7 @@ def settings_overrides(args, mode: str) -> list[str]:
 
 
 def short_hash(text: str) -> str:
-    """The 8-hex-digit tag of some settings: in a file or directory name (teachers, pools, ablation out dirs), and
-    a run's setup_hash."""
+    """The 8-hex-digit tag of some settings in a file or directory name (teachers, pools, ablation out dirs)."""
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -151,6 +150,9 @@ def main(argv=None) -> dict:
     args, extra = parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = args.out_dir or default_out_dir(args, mode, extra)
+    if args.results is not None and args.results.resolve() == (out / "quality.json").resolve():
+        raise SystemExit(f"--results {args.results} is the out dir's own quality.json (this invocation's cells "
+                         "alone); give the table another path")
     if args.results is not None and args.results.is_file() and not args.merge:  # never replace a table's rows
         raise SystemExit(f"--results {args.results} exists: pass --merge to add this invocation's cells to its rows, "
                          "or give another --results path (or move the file away) to start a new table")
@@ -233,13 +235,13 @@ def main(argv=None) -> dict:
 
 @contextlib.contextmanager
 def results_lock(path: Path):
-    """An exclusive lock (flock) on the folder of a results file, held while it is read, merged and written, so two
-    invocations that merge into one table (two queues, two SLURM jobs) take turns instead of one losing the other's
-    cells."""
+    """An exclusive POSIX lock on `<results>.lock` beside a results file, held while it is read, merged and
+    written, so two invocations that merge into one table (two queues, two SLURM jobs) take turns instead of one
+    losing the other's cells. The lock file stays (empty; ignored by git)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -357,6 +359,13 @@ def pool_file(args, order: str, imb: float, mode: str, seed: int, overrides: lis
     return Path(args.data_root) / "pools" / f"fmnist-{order}-if{imb:g}-{mode}{tag}-s{seed}.pt"
 
 
+def records_provenance(pool: Path) -> bool:
+    """Whether `pool` exists and records the dataset build it was trained on (distill checks that it is this one)."""
+    import torch
+
+    return pool.is_file() and "provenance" in torch.load(pool, map_location="cpu", weights_only=True)
+
+
 def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, overrides: list[str],
              out: Path) -> tuple[list, list[str]]:
     """One run: the (command, log file) steps to execute, and the distillation's overrides (for the reuse check)."""
@@ -366,7 +375,7 @@ def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, ove
     if method == "csdm-features":
         pool = pool_file(args, order, imb, mode, seed, overrides)
         source = ["extractor.mode=pool", "extractor.interpolate=false", f"extractor.pool_path={pool}"]
-        if not pool.is_file():
+        if not records_provenance(pool):  # missing, or written before pools recorded their build: pretrain it
             steps.append(([py, "-m", "csdm_dist.pretrain", *common, *POOL[mode], f"extractor.pool_path={pool}",
                            *overrides], out / f"{order}-if{imb:g}-s{seed}-pretrain.log"))
         steps.append(([py, "-m", "data_prep.extract_features", *common, *POOL[mode], *source, *overrides],
@@ -451,7 +460,7 @@ def seed_result(seed: int, res: dict) -> dict:
             "confused_with": acc.get("confused_with"),
             "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
             "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
-            "settings": settings_of(cfg, res.get("precision")), "setup_hash": setup_hash(cfg)}
+            "settings": settings_of(cfg, res.get("precision")), "setup": setup_of(cfg)}
 
 
 # config keys that differ between the seeds of one cell, or between machines, without changing what a seed measures:
@@ -460,19 +469,45 @@ NOT_SETUP = {"seed", *RUN_ONLY, "dataset.raw_root", "dataset.data_root", "extrac
              "labels.teacher", "eval.at_steps"}
 
 
-def setup_hash(cfg: dict) -> str:
-    """A hash of a run's whole stored config except NOT_SETUP: the seeds of one cell must share it, so that a cell
-    never averages (nor pairs) seeds made under different code defaults that settings_of does not list."""
+def setup_of(cfg: dict) -> dict:
+    """A run's whole stored config, flat ("distill.lr": 0.03), less NOT_SETUP and the keys left null: what the
+    seeds of one cell must share (setup_differences), beyond the few settings_of lists."""
     flat = {}
 
     def walk(d: dict, prefix: str = "") -> None:
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in NOT_SETUP:
+            elif v is not None and f"{prefix}{k}" not in NOT_SETUP:
                 flat[f"{prefix}{k}"] = v
     walk(cfg)
-    return short_hash(json.dumps(flat, sort_keys=True, default=str))
+    return flat
+
+
+def default_setup() -> dict:
+    """setup_of the configs' defaults under this code (what a key meant before it existed, by the rule that a new
+    key's default keeps the old behaviour)."""
+    return setup_of(asdict(compose([])))
+
+
+def setup_differences(seeds: list[dict]) -> list[str]:
+    """The config keys on which the seeds of one cell disagree: a value that differs, or a key some seeds lack
+    (made before it existed) whose value in the others is not its default. Seeds tabulated before setups were
+    recorded (2026-12-07) carry none and are checked by their settings only."""
+    setups = [s["setup"] for s in seeds if s.get("setup")]
+    if len(setups) < 2:
+        return []
+    absent, defaults, diff = object(), None, []
+    for key in sorted(set().union(*setups)):
+        values = [u.get(key, absent) for u in setups]
+        present = [v for v in values if v is not absent]
+        if any(v != present[0] for v in present):
+            diff.append(key)
+        elif len(present) < len(values):
+            defaults = default_setup() if defaults is None else defaults
+            if defaults.get(key, absent) != present[0]:
+                diff.append(key)
+    return diff
 
 
 def settings_of(cfg: dict, precision: str | None) -> dict:
@@ -497,12 +532,11 @@ def cell_row(order: str, imb: float, ipc: int, method: str, labels: str, arch: s
     settings = [s["settings"] for s in seeds]
     if any(s != settings[0] for s in settings):
         raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different settings")
-    # seeds tabulated before the hash was recorded carry none and are checked by their settings only
-    hashes = {s["seed"]: s["setup_hash"] for s in seeds if s.get("setup_hash")}
-    if len(set(hashes.values())) > 1:
+    differ = setup_differences(seeds)
+    if differ:
         raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different configs "
-                         f"(setup hash per seed: {hashes}); rerun the older seeds with this code (quality.py "
-                         "without --reuse), or tabulate them in another --results file")
+                         f"({', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} differ); rerun the older seeds "
+                         "with this code (quality.py without --reuse), or tabulate them in another --results file")
     steps = sorted({k for s in seeds for k in s["at_steps"]}, key=int)
     curve = {k: statistics.fmean(s["at_steps"][k] for s in seeds) for k in steps
              if all(k in s["at_steps"] for s in seeds)}

@@ -136,12 +136,12 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     # soft labels (labels.kind=soft) or online relabelling need the teacher: checked before anything is written
     needs_teacher = cfg.labels.kind == "soft" or (cfg.evaluate and cfg.eval.relabel == "online")
     teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
-    if cfg.extractor.mode == "pool":  # a pool of this build and network, checked before anything is written
-        check_pool(Path(cfg.extractor.pool_path), cfg, manifest)
     chash = config_hash(cfg)
     action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, cfg.distill.iterations, rt.rank, log)
     if action == rundir.FINISHED and not cfg.reevaluate:
         return report_finished(cfg, rt, run_dir, state.results)
+    if cfg.extractor.mode == "pool":  # a pool of this build and network, checked before the run writes anything
+        check_pool(Path(cfg.extractor.pool_path), cfg, manifest)
 
     real = load_real(cfg, layout, rt.device, manifest)
     norm = Normalizer.build(cfg.dataset.mean, cfg.dataset.std, rt.device)

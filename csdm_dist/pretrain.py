@@ -42,13 +42,15 @@ def pool_provenance(cfg: Config, manifest: dict) -> dict:
     """What a pool file must have been made with to serve this config: the dataset build its members trained on
     (a pool of another build may have seen this build's validation images) and the extractor network."""
     e = cfg.extractor
-    return {**build_provenance(manifest, cfg.dataset), "arch": e.arch, "width": e.width,
-            "depth": e.depth_at(cfg.dataset.image_size), "norm": e.norm}
+    convnet = e.arch == "convnet"  # width and depth shape a ConvNet only
+    return {**build_provenance(manifest, cfg.dataset), "arch": e.arch, "width": e.width if convnet else None,
+            "depth": e.depth_at(cfg.dataset.image_size) if convnet else None, "norm": e.norm}
 
 
 def check_pool(path: Path, cfg: Config, manifest: dict) -> None:
-    """Refuse (before a run writes anything) a pool made from another dataset build or for another network, and a
-    pool that does not say what it was made from (written before pools recorded it, 2026-12-07)."""
+    """Refuse (before a run or a feature extraction writes anything) a pool made from another dataset build or for
+    another network, and a pool that does not say what it was made from (written before pools recorded it,
+    2026-12-07)."""
     if not path.is_file():
         raise FileNotFoundError(f"extractor pool {path} not found; build it with `python -m csdm_dist.pretrain` "
                                 "(same dataset and extractor settings) or use extractor.mode=random")

@@ -52,16 +52,16 @@ def _old_config_hash(target: Path) -> str | None:
 def _carry_over(old: Path, new: Path, old_hash: str | None, want: str) -> list[str]:
     """Move every entry of the old build folder that the build did not write into the new one (before the swap);
     return their names. When the build config changed they were made from other data: say so (teachers and
-    feature shards are then refused at start-up by their provenance check; a pool is not checked)."""
+    feature shards and pools are then refused at start-up by their provenance check)."""
     kept = sorted(p.name for p in old.iterdir() if not _BUILD_FILE.match(p.name))
     for name in kept:
         os.replace(old / name, new / name)
     if kept:
         log.info("kept %s from the previous build of %s", ", ".join(kept), old)
         if old_hash != want:
-            log.warning("%s were made from the previous build (config hash %s, now %s): teachers and feature shards "
-                        "of it will be refused; make them again for this build (a pool is not checked: pretrain it "
-                        "again too)", ", ".join(kept), old_hash, want)
+            log.warning("%s were made from the previous build (config hash %s, now %s): teachers, pools and feature "
+                        "shards of it will be refused; make them again for this build", ", ".join(kept), old_hash,
+                        want)
     return kept
 
 

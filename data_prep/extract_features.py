@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -35,6 +36,7 @@ from csdm_dist.data.shards import dataset_dir, load_manifest, read_split
 from csdm_dist.dist import Runtime, close_distributed, init_distributed
 from csdm_dist.distiller import Normalizer
 from csdm_dist.extractors import Extractor
+from csdm_dist.pretrain import check_pool
 
 log = logging.getLogger("data_prep.extract_features")
 CHUNK = 1024  # images per forward pass
@@ -71,6 +73,7 @@ def extract(cfg: Config, rt: Runtime) -> Path:
     out = features_dir(cfg)
     data_manifest = load_manifest(dataset_dir(d), d)
     d = resolve_normalization(d, data_manifest, dataset_dir(d))  # empty dataset.mean/std: the build's
+    check_pool(Path(cfg.extractor.pool_path), replace(cfg, dataset=d), data_manifest)  # a pool of this build
     extractor = Extractor(cfg.extractor, d.channels, d.num_classes, d.image_size, rt.device, normalize=False,
                           precision=cfg.precision)
     want = provenance(cfg, data_manifest, extractor.pool_sha256)

@@ -114,6 +114,11 @@ def test_pool_extractor_pretrain_then_distil(data_overrides, tmp_path):
     refused(lambda b: {**b, "provenance": {**prov, "norm": "batchnorm"}},
             r"`extractor\.norm`: the pool .* norm='batchnorm'")
     refused(lambda b: {k: v for k, v in b.items() if k != "provenance"}, r"does not record the dataset build")
+    # a finished run needs no pool: it reports its results even when its pool is gone
+    pool.unlink()
+    _, again = distil(data_overrides + TINY + ["extractor.mode=pool", f"extractor.pool_path={pool}",
+                                              "distill.iterations=2", "evaluate=false", f"out_dir={tmp_path / 'r'}"])
+    assert again["timing"] == res["timing"]
 
 
 @pytest.mark.parametrize("override,key", [("method.kernel.name=rbf", "method.kernel.name"),

@@ -131,6 +131,17 @@ def test_mismatched_extractor_is_refused(fixed, tmp_path):
         distil(other)
 
 
+def test_extraction_refuses_a_pool_of_unknown_build(fixed, tmp_path):
+    over, pools = fixed
+    legacy = tmp_path / "legacy.pt"  # a pool written before pools recorded their dataset build
+    torch.save({k: v for k, v in torch.load(pools["pool"], weights_only=True).items() if k != "provenance"}, legacy)
+    cfg = to_config(compose_cfg([o for o in over if not o.startswith("extractor.pool_path")] + [
+        f"extractor.pool_path={legacy}", f"features.dir={tmp_path / 'features'}"], name="extract_features"))
+    with pytest.raises(ConfigError, match=r"`extractor\.pool_path`: .* does not record the dataset build"):
+        in_world_of_one(extract, cfg)
+    assert not (tmp_path / "features").exists()
+
+
 def test_features_need_a_fixed_extractor():
     with pytest.raises(ConfigError, match="real_source"):
         to_config(compose_cfg(["real_source=features"]))

@@ -130,25 +130,31 @@ def test_quality_refuses_a_cell_whose_seeds_ran_under_different_configs():
     import quality
 
     cfg = {"seed": 0, "out_dir": "runs/a/seed0", "dataset": {"data_root": "/a", "imbalance_factor": 100.0},
-           "distill": {"iterations": 1000, "real_chunk": 2048}, "eval": {"at_steps": [], "epochs": 300}}
+           "distill": {"iterations": 1000, "real_chunk": 2048, "syn_chunk": None},
+           "eval": {"at_steps": [], "epochs": 300}}
     same = {**cfg, "seed": 1, "out_dir": "runs/b/seed1", "dataset": {"data_root": "/b", "imbalance_factor": 100.0},
             "eval": {"at_steps": [100], "epochs": 300}}
-    # seed, paths and the extra evaluation points are not part of what a seed measures; any other key is
-    assert quality.setup_hash(cfg) == quality.setup_hash(same)
+    # seed, paths, the extra evaluation points and null keys are not part of what a seed measures; any other key is
+    assert quality.setup_of(cfg) == quality.setup_of(same) == {
+        "dataset.imbalance_factor": 100.0, "distill.iterations": 1000, "distill.real_chunk": 2048, "eval.epochs": 300}
     other = {**cfg, "distill": {"iterations": 1000, "real_chunk": 512}}  # a key settings_of does not list
-    assert quality.setup_hash(other) != quality.setup_hash(cfg)
 
     def seed(k, c):
         return {"seed": k, "mean": 80.0, "std": 0.1, "many": 80.0, "medium": 80.0, "few": 75.0, "distill_s": 1.0,
-                "eval_s": 1.0, "at_steps": {}, "settings": SETTINGS, "setup_hash": None if c is None else
-                quality.setup_hash(c)}
+                "eval_s": 1.0, "at_steps": {}, "settings": SETTINGS, "setup": None if c is None else
+                quality.setup_of(c)}
 
     row = quality.cell_row("natural", 100.0, 10, "csdm", "hard", "convnet", [seed(0, cfg), seed(1, same)])
     assert row["seeds"] == [0, 1]
-    # a seed tabulated before the hash was recorded is checked by its settings only
+    # a seed tabulated before setups were recorded is checked by its settings only
     assert quality.cell_row("natural", 100.0, 10, "csdm", "hard", "convnet", [seed(0, None), seed(1, other)])
-    with pytest.raises(SystemExit, match="different configs .*rerun the older seeds"):
+    with pytest.raises(SystemExit, match=r"different configs \(distill\.real_chunk differ\); rerun the older seeds"):
         quality.cell_row("natural", 100.0, 10, "csdm", "hard", "convnet", [seed(0, cfg), seed(1, other)])
+    # a key that an older seed lacks (made before the key existed) is fine at its default, and not elsewhere
+    default = quality.default_setup()["eval.hard_weight"]
+    for value, ok in ((default, True), (default + 0.5, False)):
+        newer = {**cfg, "eval": {**cfg["eval"], "hard_weight": value}}
+        assert quality.setup_differences([seed(0, cfg), seed(1, newer)]) == ([] if ok else ["eval.hard_weight"])
 
 
 def test_quality_pairs_the_few_group_by_seed_and_tables_per_class_recall_by_name_or_index():
@@ -252,14 +258,21 @@ def test_quality_merges_into_the_table_as_it_is_at_the_end_and_takes_turns(tmp_p
     kept = json.loads(results.read_text())
     assert [(r["method"], r["accuracy"]) for r in kept["rows"]] == [("dm", [82.0]), ("csdm", [84.0])]
 
-    # a second writer waits while the lock is held, then merges into what the first one wrote
-    with quality.results_lock(results):
-        t = threading.Thread(target=quality.write_results,
-                             args=(args, [row("csdm", [(1, 85.0)])], {}, report_of, write, tmp_path, "full", extra))
-        t.start()
-        t.join(0.5)
-        assert t.is_alive() and json.loads(results.read_text()) == kept
-        write(results, *report_of(kept["rows"] + [row("ncfm", [(0, 83.0)])], {}, {}))
+    # a writer waits while another process holds the lock (POSIX locks are per process), then merges into what
+    # that process wrote meanwhile
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+         str(results) + ".lock"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    t = threading.Thread(target=quality.write_results,
+                         args=(args, [row("csdm", [(1, 85.0)])], {}, report_of, write, tmp_path, "full", extra))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and json.loads(results.read_text()) == kept
+    write(results, *report_of(kept["rows"] + [row("ncfm", [(0, 83.0)])], {}, {}))
+    holder.stdin.close()
+    holder.wait(10)
     t.join(10)
     merged = {r["method"]: r["accuracy"] for r in json.loads(results.read_text())["rows"]}
     assert merged == {"dm": [82.0], "csdm": [84.0, 85.0], "ncfm": [83.0]}
@@ -281,6 +294,8 @@ def test_quality_never_replaces_a_table_or_deletes_a_run(tmp_path):
     table.write_text(json.dumps({"mode": "full", "split": "test", "labels": "hard", "extra_overrides": [],
                                  "settings": [], "date": "2026-12-01", "rows": []}))
     out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"the out dir's own quality\.json"):
+        quality.main(["--results", str(tmp_path / "out" / "quality.json"), "--out-dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match=r"--results .*table\.json exists: pass --merge"):
         quality.main(["--results", str(table), "--out-dir", str(out), "--raw-root", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match=r"--merge: .*table\.json was made with other settings"):
@@ -302,6 +317,19 @@ def test_quality_never_replaces_a_table_or_deletes_a_run(tmp_path):
     assert pool.name == "fmnist-natural-if100-full-s0.pt"  # no pool-shaping override: the name as before
     wider = quality.pool_file(args, "natural", 100.0, "full", 0, ["extractor.pool_epochs=20", "eval.repeats=2"])
     assert wider != pool and wider == quality.pool_file(args, "natural", 100.0, "full", 0, ["extractor.pool_epochs=20"])
+    # a csdm-features cell pretrains its pool when the file is missing or records no provenance (an old pool)
+    args.data_root = str(tmp_path / "data")
+    pool = quality.pool_file(args, "natural", 100.0, "full", 0, [])
+
+    def pretrains():
+        steps, _ = quality.commands([], "natural", 100.0, 10, "csdm-features", 0, args, "full", run_dir, [], tmp_path)
+        return "csdm_dist.pretrain" in steps[0][0]
+    assert pretrains()
+    pool.parent.mkdir(parents=True)
+    torch.save({"members": []}, pool)
+    assert pretrains()
+    torch.save({"members": [], "provenance": {"dataset": "fashion_mnist_lt"}}, pool)
+    assert not pretrains()  # the distillation checks that this provenance is its build's
     ablation = quality.default_out_dir(quality.parse_args(["--split", "val"])[0], "full", ["synthetic.factor=1"])
     assert ablation.name.startswith("quality-full-val-") and ablation != quality.default_out_dir(
         quality.parse_args(["--split", "val"])[0], "full", ["synthetic.factor=3"])
