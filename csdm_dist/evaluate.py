@@ -116,9 +116,9 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
                    cfg: EvalConfig, net_cfg: ExtractorConfig, image_size: int, seed: int, repeat: int,
                    device: torch.device, desc: str, soft_probs: Optional[Tensor] = None,
                    temperature: Optional[float] = None,
-                   relabel: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   relabel: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One repeat: (per-class accuracy at the last epoch, at the best tested epoch, the last epoch's confusion
-    counts [C, C]).
+    counts [C, C], the per-class accuracy at every tested epoch [test_points, C] in order: test_epochs(cfg)).
 
     Soft track: `soft_probs` [N, C] the images' target probabilities (softmax of the teacher's logits at
     `temperature`; KD at `temperature`), or `relabel(x)` -> the teacher's logits of each augmented batch; neither:
@@ -136,8 +136,9 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
     images, labels = images.to(device), labels.to(device)
     probs = None if soft_probs is None else soft_probs.to(device)
     soft_track = probs is not None or relabel is not None
-    test_at = {round(cfg.epochs * (k + 1) / cfg.test_points) for k in range(cfg.test_points)}
+    test_at = test_epochs(cfg)
     best = last = None
+    curve = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, dynamic_ncols=True):
         perm = torch.randperm(len(labels), generator=g).to(device)
         for i in range(0, len(labels), cfg.batch_size):
@@ -176,7 +177,13 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
             confusion = test_confusion(net, test_x, test_y, norm, num_classes, cfg.test_batch_size, device)
             last = class_accuracy(confusion)
             best = last if best is None or last.mean() > best.mean() else best
-    return last, best, confusion
+            curve.append(last)
+    return last, best, confusion, torch.stack(curve)
+
+
+def test_epochs(cfg: EvalConfig) -> list[int]:
+    """The epochs a network is tested after: eval.test_points of them, evenly spaced, the last at the final one."""
+    return sorted({round(cfg.epochs * (k + 1) / cfg.test_points) for k in range(cfg.test_points)})
 
 
 def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor, norm, counts: list[int],
@@ -198,9 +205,10 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
                          f"classes")
     c = len(counts)
     acc = torch.zeros(2, cfg.repeats, c, device=device)
+    curves = torch.zeros(cfg.repeats, len(test_epochs(cfg)), c, device=device)
     confusion = torch.zeros(c, c, device=device)  # summed over the repeats
     for r in range(rank, cfg.repeats, world):
-        last, best, conf = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed,
+        last, best, conf, curves[r] = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed,
                                           r, device, desc=f"eval {name} {r + 1}/{cfg.repeats}",
                                           soft_probs=soft_probs,
                                           temperature=temperature, relabel=relabel)
@@ -208,8 +216,11 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
         confusion += conf
     if dist.is_initialized() and world > 1:
         dist.all_reduce(acc)  # each repeat was filled by exactly one rank
+        dist.all_reduce(curves)
         dist.all_reduce(confusion)
     out = summarise(acc[0].cpu(), acc[1].cpu(), counts)
+    # the overall accuracy after each tested epoch, averaged over the networks: how long the networks need
+    out["at_epochs"] = {str(e): (100 * curves[:, k].mean(1)).mean().item() for k, e in enumerate(test_epochs(cfg))}
     out["confused_with"] = top_confusions(confusion.cpu())
     out["train_images"] = len(labels)  # what the networks trained on (the decoded count under multi-formation)
     out["labels"], out["relabel"], out["arch"] = track, cfg.relabel, cfg.arch  # the track and network, reported apart

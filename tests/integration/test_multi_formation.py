@@ -37,6 +37,10 @@ def test_factor_two_mix_run_stores_tiles_and_evaluates_the_decoded_set(data_over
         assert png.size == (2 * 30 + 2, 10 * 30 + 2)
     acc = evaluate_file(out / "distilled.pt", {"epochs": 1, "repeats": 1}, "cpu")
     assert acc["train_images"] == 80
+    acc = evaluate_file(out / "distilled.pt", {"epochs": 4, "repeats": 2, "test_points": 2}, "cpu")
+    assert list(acc["at_epochs"]) == ["2", "4"]  # the tested epochs, each averaged over the networks
+    assert acc["at_epochs"]["4"] == pytest.approx(acc["mean"], abs=1e-4)
+    assert acc["best_mean"] >= max(acc["at_epochs"].values()) - 1e-4  # each network's best, averaged
 
     old = {k: v for k, v in blob.items() if k != "factor"}  # a file from before multi-formation: factor 1
     old_path = tmp_path / "old" / "distilled.pt"
