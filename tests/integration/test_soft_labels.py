@@ -83,6 +83,36 @@ def test_soft_distillation_stores_the_teachers_logits_of_the_decoded_images(soft
     assert res["accuracy"]["train_images"] == 80
 
 
+def test_teacher_agreement_reports_how_the_teacher_sees_the_decoded_images(soft_run, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import teacher_agreement as ta
+
+    # the pure parts against a hand computation: 3 images of classes 0, 1, 1; the teacher says 0, 0, 1
+    z = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    a = ta.agreement(z, torch.tensor([0, 1, 1]), 2)
+    assert a["agree"] == pytest.approx(200 / 3) and a["per_class"] == [100.0, 50.0]
+    assert a["confusion"] == [[1, 0], [1, 1]]
+    p = z.softmax(1)
+    assert a["p_class"] == pytest.approx(float(p[0, 0] + p[1, 1] + p[2, 1]) / 3)
+    # counts 1 : 9, shift a = 1 adds log 0.1 and log 0.9: image 1 (margin 1.0 < log 9) goes to class 1
+    assert ta.shifted_agreement(z, torch.tensor([0, 1, 1]), [1, 9], [0.0, 1.0]) == pytest.approx(
+        {"0": 200 / 3, "1": 200 / 3})
+    assert ta.shifted_agreement(z[1:], torch.tensor([1, 1]), [1, 9], [0.0, 1.0]) == pytest.approx(
+        {"0": 50.0, "1": 100.0})
+
+    # on a soft set: the set's own teacher, whose plain logits are the stored ones plus the prior shift undone
+    _, _, out = soft_run
+    report = ta.main([str(out / "distilled.pt"), "--shifts", "0", "0.5", "--out", str(tmp_path / "r.json")])
+    blob = torch.load(out / "distilled.pt", weights_only=False)
+    plain = blob["soft_labels"] + 0.5 * log_prior(blob["class_counts"])
+    labels = torch.arange(10).repeat_interleave(2 * 4)  # ipc 2 x 4 tiles per class, in decoded order
+    want = ta.agreement(plain, labels, 10)
+    assert report["images"] == 80 and report["raw"]["confusion"] == want["confusion"]
+    assert report["raw"]["agree"] == pytest.approx(want["agree"]) and report["raw"]["per_class"] == want["per_class"]
+    assert report["shifted"]["0"] == pytest.approx(report["raw"]["agree"])
+    assert 0 <= report["clipped_fraction"] <= 1 and json.loads((tmp_path / "r.json").read_text())["images"] == 80
+
+
 def test_soft_set_evaluates_on_every_track_and_architecture(soft_run):
     _, _, out = soft_run
     path = out / "distilled.pt"
