@@ -137,7 +137,6 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
     probs = None if soft_probs is None else soft_probs.to(device)
     soft_track = probs is not None or relabel is not None
     test_at = test_epochs(cfg)
-    best = last = None
     curve = []
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, leave=False, dynamic_ncols=True):
         perm = torch.randperm(len(labels), generator=g).to(device)
@@ -175,10 +174,9 @@ def train_and_test(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tenso
         sched.step()
         if epoch in test_at:
             confusion = test_confusion(net, test_x, test_y, norm, num_classes, cfg.test_batch_size, device)
-            last = class_accuracy(confusion)
-            best = last if best is None or last.mean() > best.mean() else best
-            curve.append(last)
-    return last, best, confusion, torch.stack(curve)
+            curve.append(class_accuracy(confusion))
+    curve = torch.stack(curve)
+    return curve[-1], curve[int(curve.mean(1).argmax())], confusion, curve  # the last, the first best
 
 
 def test_epochs(cfg: EvalConfig) -> list[int]:
@@ -205,7 +203,8 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
                          f"classes")
     c = len(counts)
     acc = torch.zeros(2, cfg.repeats, c, device=device)
-    curves = torch.zeros(cfg.repeats, len(test_epochs(cfg)), c, device=device)
+    tested = test_epochs(cfg)
+    curves = torch.zeros(cfg.repeats, len(tested), c, device=device)
     confusion = torch.zeros(c, c, device=device)  # summed over the repeats
     for r in range(rank, cfg.repeats, world):
         last, best, conf, curves[r] = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed,
@@ -220,7 +219,7 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
         dist.all_reduce(confusion)
     out = summarise(acc[0].cpu(), acc[1].cpu(), counts)
     # the overall accuracy after each tested epoch, averaged over the networks: how long the networks need
-    out["at_epochs"] = {str(e): (100 * curves[:, k].mean(1)).mean().item() for k, e in enumerate(test_epochs(cfg))}
+    out["at_epochs"] = {str(e): (100 * curves[:, k].mean(1)).mean().item() for k, e in enumerate(tested)}
     out["confused_with"] = top_confusions(confusion.cpu())
     out["train_images"] = len(labels)  # what the networks trained on (the decoded count under multi-formation)
     out["labels"], out["relabel"], out["arch"] = track, cfg.relabel, cfg.arch  # the track and network, reported apart
