@@ -3,7 +3,8 @@
 Exit codes (docs/failures.md):
 - 0: finished;
 - 1: an unexpected error (its traceback is printed once, by each failing rank);
-- 2: a configuration or input error (one line, from rank 0 when every rank has the same error);
+- 2: a configuration or input error (one line, from rank 0 when every rank has the same error; the other ranks
+  wait QUIET_RANK_GRACE_S for it, and print it themselves if rank 0 has not);
 - 3: stopped on request (SIGUSR1) at a step boundary, with a checkpoint: the same command resumes;
 - 130: interrupted (Ctrl-C): the same command resumes from the newest complete checkpoint.
 """
@@ -14,10 +15,16 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 EXIT_ERROR, EXIT_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 1, 2, 3, 130
+# How long a rank other than 0 waits, on an error every rank meets, before it exits: a launcher (torchrun, srun)
+# stops the other ranks as soon as one exits, so a rank that left first would cut rank 0 off before its one line.
+# Rank 0 normally fails within this time and the launcher stops the waiting rank; if it has not, the waiting rank
+# prints the line itself, so the message is never lost.
+QUIET_RANK_GRACE_S = 20.0
 
 
 class UserError(Exception):
@@ -61,6 +68,10 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
 @contextlib.contextmanager
 def one_line_errors(log: logging.Logger) -> Iterator[None]:
     """Around an entry point's body: input errors -> one line on stderr and exit 2 (the traceback only with
@@ -78,7 +89,9 @@ def one_line_errors(log: logging.Logger) -> Iterator[None]:
         rank = _rank()
         if full:
             log.exception("rank %d: %s", rank, e)
-        elif rank == 0 or not every_rank:
+        else:
+            if rank != 0 and every_rank and _world_size() > 1:
+                time.sleep(QUIET_RANK_GRACE_S)  # let rank 0 say it; the launcher stops this rank when rank 0 exits
             where = "" if rank == 0 else f"(rank {rank}) "
             print(f"error: {where}{e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INPUT) from None
