@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import files, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import Config, ConfigError, register_configs, to_config
-from .data.manifest import build_provenance
+from .data.manifest import build_provenance, check_provenance
 from .data.normalization import resolve_normalization
 from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import close_distributed, init_distributed
@@ -61,18 +61,9 @@ def check_pool(path: Path, cfg: Config, manifest: dict) -> None:
     if recorded is None:
         raise ConfigError(f"invalid config `extractor.pool_path`: the pool {path} does not record the dataset build "
                           f"it was trained on (written before pools recorded it); {rebuild}")
-    want = pool_provenance(cfg, manifest)
-    data = [k for k in want if k not in POOL_NET_KEYS and recorded.get(k) != want[k]]
-    if data:
-        diff = ", ".join(f"{k}: pool {recorded.get(k)!r} vs config {want[k]!r}" for k in data)
-        raise ConfigError(f"invalid config `extractor.pool_path`: the pool {path} was trained on another dataset "
-                          f"build ({diff}); {rebuild}")
-    net = [k for k in POOL_NET_KEYS if recorded.get(k) != want[k]]
-    if net:
-        keys = ", ".join(f"`{POOL_NET_KEYS[k]}`" for k in net)
-        made = ", ".join(f"{k}={recorded.get(k)!r}" for k in net)
-        raise ConfigError(f"invalid config {keys}: the pool {path} was made with {made}; pass the extractor.* "
-                          f"settings it was made with, or {rebuild}")
+    check_provenance(path, recorded, pool_provenance(cfg, manifest), what="pool", key="extractor.pool_path",
+                     net_keys=POOL_NET_KEYS, rebuild=rebuild,
+                     net_fix=f"pass the extractor.* settings it was made with, or {rebuild}")
 
 
 def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor, norm: Normalizer,

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from . import files, formation, rng
 from .augment import NUM_UNIFORMS, augment, pick_op
 from .config import Config, ConfigError, register_configs, to_config
-from .data.manifest import build_provenance
+from .data.manifest import build_provenance, check_provenance
 from .data.normalization import resolve_normalization
 from .data.shards import dataset_dir, load_manifest, read_split
 from .dist import Runtime, close_distributed, init_distributed
@@ -54,8 +54,7 @@ log = logging.getLogger("csdm_dist.teacher")
 
 TEACHER_KIND = "csdm_dist teacher"
 TEACHER_FORMAT = 1
-# provenance fields: of the dataset build, and of the network and loss (each with the config key that sets it)
-DATA_FIELDS = ("dataset", "data_config_hash", "ids_hash", "counts", "channels", "image_size", "mean", "std")
+# the provenance fields of the network and loss, each with the config key that sets it (the others: the build's)
 NET_KEYS = {"arch": "teacher.arch", "width": "teacher.width", "depth": "teacher.depth", "norm": "teacher.norm",
             "loss": "teacher.loss", "tau": "teacher.tau", "tile_factors": "teacher.tile_factors"}
 LABEL_BATCH = 512  # images per teacher forward when labelling
@@ -100,22 +99,13 @@ def tile_factors(t) -> list[int]:
 
 def check_teacher(path: Path, recorded: dict, want: dict) -> None:
     """ConfigError naming the key when the teacher in `path` was made for another dataset build or network."""
-    data = [k for k in DATA_FIELDS if recorded.get(k) != want[k]]
-    if data:
-        diff = ", ".join(f"{k}: teacher {recorded.get(k)!r} vs config {want[k]!r}" for k in data)
-        raise ConfigError(f"invalid config `labels.teacher`: the teacher {path} was trained on another dataset build "
-                          f"({diff}); train one on this dataset with `python -m csdm_dist.teacher` and the same "
-                          "dataset overrides, or point labels.teacher at a teacher of this build")
     recorded = {"tile_factors": [1], **recorded}  # files from before the key were trained on sharp images alone
-    net = [k for k in NET_KEYS if recorded.get(k) != want[k]]
-    if net:
-        keys = ", ".join(f"`{NET_KEYS[k]}`" for k in net)
-        made = ", ".join(f"{k}={recorded.get(k)!r}" for k in net)
-        said = ", ".join(f"{k}={want[k]!r}" for k in net)
-        raise ConfigError(f"invalid config {keys}: the teacher {path} was made with {made}, the config says {said}; "
-                          "pass the teacher.* settings it was made with (teacher.tau: the loss's tau; ce 0, "
-                          "balanced_softmax 1), or train a teacher for these settings with "
-                          "`python -m csdm_dist.teacher`")
+    check_provenance(path, recorded, want, what="teacher", key="labels.teacher", net_keys=NET_KEYS,
+                     rebuild="train one on this dataset with `python -m csdm_dist.teacher` and the same dataset "
+                             "overrides, or point labels.teacher at a teacher of this build",
+                     net_fix="pass the teacher.* settings it was made with (teacher.tau: the loss's tau; ce 0, "
+                             "balanced_softmax 1), or train a teacher for these settings with "
+                             "`python -m csdm_dist.teacher`")
 
 
 # ------------------------------------------------------------------------------------------------ loading, labelling

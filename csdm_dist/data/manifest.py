@@ -293,6 +293,26 @@ def build_provenance(manifest: dict, cfg: DataConfig) -> dict:
             "std": [float(v) for v in cfg.std]}
 
 
+def check_provenance(path, recorded: dict, want: dict, *, what: str, key: str, net_keys: dict[str, str],
+                     rebuild: str, net_fix: str) -> None:
+    """ConfigError naming the config key when the `what` file (a teacher, an extractor pool) in `path` was
+    trained on another dataset build than `want` says (a field outside `net_keys` differs: config `key`), or made
+    with other network settings (`net_keys`: provenance field -> the config key that sets it). `rebuild` and
+    `net_fix` say what to do."""
+    data = [k for k in want if k not in net_keys and recorded.get(k) != want[k]]
+    if data:
+        diff = ", ".join(f"{k}: {what} {recorded.get(k)!r} vs config {want[k]!r}" for k in data)
+        raise ConfigError(f"invalid config `{key}`: the {what} {path} was trained on another dataset build "
+                          f"({diff}); {rebuild}")
+    net = [k for k in net_keys if recorded.get(k) != want[k]]
+    if net:
+        keys = ", ".join(f"`{net_keys[k]}`" for k in net)
+        made = ", ".join(f"{k}={recorded.get(k)!r}" for k in net)
+        said = ", ".join(f"{k}={want[k]!r}" for k in net)
+        raise ConfigError(f"invalid config {keys}: the {what} {path} was made with {made}, the config says {said}; "
+                          f"{net_fix}")
+
+
 def ids_hash(ids, labels) -> str:
     """sha256 of the (id, label) pairs of a split, sorted by id, as little-endian int64."""
     ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
