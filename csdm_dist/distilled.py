@@ -13,6 +13,7 @@ they equal the distilled.pt's up to the uint8 rounding and the clipping (the man
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -57,6 +58,7 @@ class DecodedSet:
     config: dict  # the run's config (asdict), as stored
     real_counts: list[int]  # the real images per class the set was distilled from
     path: Path
+    sha256: str  # of the very bytes decoded (a record names the set it used, even if the file is replaced later)
 
 
 class DistilledDataset(Dataset):
@@ -100,18 +102,20 @@ def distilled_path(run: Path) -> Path:
     return path
 
 
-def read_pt(path: Path) -> dict:
-    """The dict a distillation saved (distilled.pt); UserError when it is absent or not one."""
+def read_pt(path: Path) -> tuple[dict, str]:
+    """The dict a distillation saved (distilled.pt) and the sha256 of the bytes it was read from (the file is read
+    once); UserError when it is absent or not one."""
     if not Path(path).is_file():
         raise UserError(f"distilled set {path} not found; run `python -m csdm_dist.distill` first")
+    data = Path(path).read_bytes()
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a distilled.pt") from e
     missing = [k for k in ("images", "labels", "mean", "std", "config") if not isinstance(blob, dict) or k not in blob]
     if missing:
         raise UserError(f"{path} is not a distilled set written by csdm_dist.distill: it lacks {missing}")
-    return blob
+    return blob, hashlib.sha256(data).hexdigest()
 
 
 def soft_probabilities(soft: Tensor, temperature: Optional[float], n_stored: int, factor: int, num_classes: int,
@@ -139,7 +143,7 @@ def soft_probabilities(soft: Tensor, temperature: Optional[float], n_stored: int
 
 def decoded_set(path: Path) -> DecodedSet:
     """Read a distilled.pt and decode it: the same images and labels evaluate.evaluate_file trains on."""
-    blob = read_pt(path)
+    blob, sha256 = read_pt(path)
     factor = int(blob.get("factor", 1))  # absent in files from before multi-formation: factor 1
     stored, labels = blob["images"].detach().float().cpu(), blob["labels"].long().cpu()
     images, hard = formation.decode_set(stored, labels, factor)
@@ -153,7 +157,7 @@ def decoded_set(path: Path) -> DecodedSet:
         raise UserError(f"{path} stores mean {mean} and std {std}, not {stored.shape[1]} values each (std > 0) for "
                         f"its {stored.shape[1]}-channel images; the file is damaged or not from csdm_dist.distill")
     return DecodedSet(images, hard, soft, soft_from, temperature, factor, mean, std, blob["config"],
-                      list(blob.get("class_counts") or []), path)
+                      list(blob.get("class_counts") or []), path, sha256)
 
 
 def num_classes(blob: dict) -> int:

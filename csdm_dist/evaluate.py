@@ -286,11 +286,9 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
     from .dist import close_distributed, init_distributed
     from .distiller import Normalizer
     from .distilled import decoded_set
-    from .extractors import file_sha256
 
     t0 = time.perf_counter()
     s = decoded_set(path)  # the reader load_distilled uses; a missing or damaged file: its own message
-    sha256 = file_sha256(path)  # the record names the very set it evaluated: a set distilled again is not it
     cfg = to_config(s.config)
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
     if len(s.real_counts) != cfg.dataset.num_classes:  # the many / medium / few groups are drawn from them
@@ -321,7 +319,7 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
                            temperature=temperature, relabel=relabel)
         if rt.is_main:
             out = path.parent / eval_record_name(ev)
-            files.write_json(out, {"distilled": str(path), "distilled_sha256": sha256, "eval": vars(ev),
+            files.write_json(out, {"distilled": str(path), "distilled_sha256": s.sha256, "eval": vars(ev),
                                    "labels": ev.labels, "temperature": temperature, "accuracy": acc,
                                    "eval_s": time.perf_counter() - t0})
             track = ev.labels + (" (online relabelling)" if relabel is not None else "")

@@ -37,7 +37,6 @@ from .distilled import (EXPORT_KIND, EXPORT_MANIFEST, EXPORT_VERSION, NPZ, SHARD
                         clipped_fraction, dataset_info, decoded_set, distilled_path, folder_names, sample_key,
                         to_uint8)
 from .errors import UserError, one_line_errors, read_json_record
-from .extractors import file_sha256
 from .runinfo import config_hash, git_commit
 
 log = logging.getLogger("csdm_dist.export")
@@ -86,7 +85,7 @@ def export_manifest(s: DecodedSet, fmt: str, names: list[str], dataset: dict, pr
     soft = None if s.soft is None else {"from": s.soft_from, "temperature": s.temperature, "stored_as": "probabilities"}
     return {"kind": EXPORT_KIND, "export_version": EXPORT_VERSION, "format": fmt,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "distilled": {"path": str(s.path.resolve()), "sha256": file_sha256(s.path)},
+            "distilled": {"path": str(s.path.resolve()), "sha256": s.sha256},
             **provenance, "method": cfg.get("method", {}).get("name"), "seed": cfg.get("seed"),
             "dataset": dataset, "factor": s.factor, "ipc": cfg.get("ipc"),
             "num_images": len(s.labels), "shape": list(s.images.shape[1:]), "num_classes": c, "class_names": names,

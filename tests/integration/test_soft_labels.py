@@ -19,8 +19,10 @@ from csdm_dist.config import ConfigError, EvalConfig, ExtractorConfig, to_config
 from csdm_dist.data.shards import dataset_dir, load_manifest, read_split
 from csdm_dist.dist import close_distributed, init_distributed
 from csdm_dist.distiller import Normalizer
+from csdm_dist.distilled import decoded_set
 from csdm_dist.errors import UserError
 from csdm_dist.evaluate import evaluate_file, train_and_test
+from csdm_dist.extractors import file_sha256
 from csdm_dist.softlabels import log_prior, soft_label_bytes, soft_targets
 from csdm_dist.teacher import load_teacher, results_path, train_teacher
 from runs import TINY, compose_cfg, distil
@@ -140,6 +142,8 @@ def test_evaluation_reads_soft_labels_as_load_distilled_does(soft_run, tmp_path)
         torch.save({**blob, "soft_labels": labels}, tmp_path / name / "distilled.pt")
         accs[name] = evaluate_file(tmp_path / name / "distilled.pt", ev, "cpu")["per_class"]
     assert accs["logits_stored"] == accs["logits_decoded"]
+    one = tmp_path / "probs_stored" / "distilled.pt"  # the record names the bytes it decoded, read once
+    assert decoded_set(one).sha256 == file_sha256(one) != file_sha256(out / "distilled.pt")
     assert accs["probs_stored"] == pytest.approx(accs["logits_decoded"], abs=1e-4)
     torch.save({**blob, "soft_labels": z[:-1]}, tmp_path / "distilled.pt")  # one row short
     with pytest.raises(UserError, match=r"soft_labels has shape .* must be \[N, 10\] with N the \d+ stored or the"):
