@@ -559,9 +559,9 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
     mixed = len(seed_sets) > 1  # a --merge of cells with different seeds: each row names its own
     n = len(seed_sets[0])
     spread = ("mean +- std over each cell's distillation seeds (after its method), each the mean of its evaluation "
-              "repeats; the std of a one-seed cell is over its evaluation repeats" if mixed else
+              "repeats; the std of a one-seed cell is the population std over its evaluation repeats" if mixed else
               f"mean +- std over {n} distillation seeds ({', '.join(map(str, seed_sets[0]))}), each the mean of its "
-              "evaluation repeats" if n > 1 else f"seed {seed_sets[0][0]}, mean +- std over the evaluation repeats")
+              "evaluation repeats" if n > 1 else f"seed {seed_sets[0][0]}, mean +- population std over the evaluation repeats")
     lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
              f"{args.split} split; accuracy %, {spread}"
              + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]

@@ -4,8 +4,9 @@ Protocols (DESIGN.md section 7):
 - `dm`: SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half the epochs, differentiable augmentation.
 - `ncfm`: AdamW lr 1e-3, lr x0.5 at 20/40/60/80 % of the epochs, augmentation + CutMix.
 Repeats are spread over all ranks (repeat r on rank r mod world) and gathered. Reported: mean and std over
-repeats of the last-epoch accuracy, the best tested epoch, per-class accuracy, the classes each class is mistaken
-for (top_confusions) and many / medium / few groups.
+repeats of the last-epoch accuracy (the population std, numpy's default, as DM's evaluation reports it), the best
+tested epoch, per-class accuracy, the classes each class is mistaken for (top_confusions) and many / medium / few
+groups.
 
 Entry point: `python -m csdm_dist.evaluate distilled=<run>/distilled.pt [eval.repeats=...]`. A distilled.pt
 stores its images as they are kept (multi-formation: f x f tiles each, key "factor"; absent in older files,
