@@ -74,7 +74,7 @@ def load_teacher_net(path: Path, config: dict) -> torch.nn.Module:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     s = decoded_set(args.distilled)
-    labelled_by = torch.load(args.distilled, map_location="cpu", weights_only=False).get("teacher")
+    labelled_by = s.teacher  # {"path", "sha256"} of the teacher that made its soft labels, if it has them
     path = args.teacher or (Path(labelled_by["path"]) if labelled_by else None)
     if path is None:
         raise SystemExit(f"{args.distilled} has no soft labels, so no teacher of its own: pass --teacher <file>")

@@ -59,6 +59,8 @@ class DecodedSet:
     real_counts: list[int]  # the real images per class the set was distilled from
     path: Path
     sha256: str  # of the very bytes decoded (a record names the set it used, even if the file is replaced later)
+    teacher: Optional[dict] = None  # soft labels: {"path", "sha256"} of the teacher that made them, and its
+    prior_adjust: Optional[float] = None  # tau' (stored logits = the teacher's - tau' log pi_c); None: not recorded
 
 
 class DistilledDataset(Dataset):
@@ -156,8 +158,12 @@ def decoded_set(path: Path) -> DecodedSet:
     if not len(mean) == len(std) == stored.shape[1] or not all(v > 0 for v in std):
         raise UserError(f"{path} stores mean {mean} and std {std}, not {stored.shape[1]} values each (std > 0) for "
                         f"its {stored.shape[1]}-channel images; the file is damaged or not from csdm_dist.distill")
+    teacher = prior_adjust = None
+    if soft is not None:  # which teacher made the soft labels, and the prior shift of its logits (when recorded)
+        teacher = blob.get("teacher")
+        prior_adjust = None if blob.get("prior_adjust") is None else float(blob["prior_adjust"])
     return DecodedSet(images, hard, soft, soft_from, temperature, factor, mean, std, blob["config"],
-                      list(blob.get("class_counts") or []), path, sha256)
+                      list(blob.get("class_counts") or []), path, sha256, teacher, prior_adjust)
 
 
 def num_classes(blob: dict) -> int:

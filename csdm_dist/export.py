@@ -82,7 +82,8 @@ def export_manifest(s: DecodedSet, fmt: str, names: list[str], dataset: dict, pr
     """manifest.json of an export: what it holds and where it comes from."""
     cfg = s.config
     c = len(names)
-    soft = None if s.soft is None else {"from": s.soft_from, "temperature": s.temperature, "stored_as": "probabilities"}
+    soft = None if s.soft is None else {"from": s.soft_from, "temperature": s.temperature, "stored_as": "probabilities",
+                                        "teacher": s.teacher, "prior_adjust": s.prior_adjust}
     return {"kind": EXPORT_KIND, "export_version": EXPORT_VERSION, "format": fmt,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "distilled": {"path": str(s.path.resolve()), "sha256": s.sha256},

@@ -146,10 +146,14 @@ def test_train_one_epoch_on_a_loaded_export(runs, tmp_path):
     assert seen == 80 and len(losses) == 5 and all(np.isfinite(losses))
 
 
+TEACHER = {"path": "/teachers/t.pt", "sha256": "ab" * 32}
+
+
 def soft_run(runs, folder: Path, soft, temperature=2.0) -> Path:
-    """A distilled.pt of the factor-2 run with soft labels added (the key another issue adds), alone in `folder`."""
+    """A distilled.pt of the factor-2 run with soft labels added as a soft-label run stores them (with the teacher
+    that made them and the prior adjustment), alone in `folder`."""
     blob = torch.load(runs[2] / "distilled.pt", weights_only=False)
-    blob["soft_labels"] = soft
+    blob.update(soft_labels=soft, teacher=TEACHER, prior_adjust=0.5)
     if temperature is not None:
         blob["temperature"] = temperature
     folder.mkdir()
@@ -174,7 +178,8 @@ def test_soft_labels_round_trip(runs, tmp_path):
             assert path == pt.resolve().parent / f"export-{json.loads((path / 'manifest.json').read_text())['format']}"
             assert_same_up_to_uint8(ds.images, images, blob)
             manifest = json.loads((path / "manifest.json").read_text())
-            assert manifest["soft_labels"] == {"from": "logits", "temperature": 2.0, "stored_as": "probabilities"}
+            assert manifest["soft_labels"] == {"from": "logits", "temperature": 2.0, "stored_as": "probabilities",
+                                               "teacher": TEACHER, "prior_adjust": 0.5}  # which teacher labelled it
             # no results.json or run.json beside this distilled.pt: the hash is computed from its config
             assert manifest["config_hash"] == config_hash(to_config(blob["config"]))
             assert manifest["config_hash"] == json.loads((runs[2] / "results.json").read_text())["config_hash"]
