@@ -106,10 +106,12 @@ def wheel_info(path: Path) -> tuple[str, str, frozenset]:
 
 
 def find_cached(cache: Path, name: str, version: str, accept: set, pure: bool) -> Path | None:
+    from packaging.utils import InvalidWheelFilename
+
     for whl in sorted(cache.glob("*.whl")):
         try:
             n, v, tags = wheel_info(whl)
-        except Exception:
+        except InvalidWheelFilename:  # a file pip would not install either: not a candidate
             continue
         if n == norm(name) and v == version and tags & accept and (not pure or is_pure_tag(tags)):
             return whl
