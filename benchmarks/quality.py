@@ -561,7 +561,8 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
     spread = ("mean +- std over each cell's distillation seeds (after its method), each the mean of its evaluation "
               "repeats; the std of a one-seed cell is the population std over its evaluation repeats" if mixed else
               f"mean +- std over {n} distillation seeds ({', '.join(map(str, seed_sets[0]))}), each the mean of its "
-              "evaluation repeats" if n > 1 else f"seed {seed_sets[0][0]}, mean +- population std over the evaluation repeats")
+              "evaluation repeats" if n > 1 else
+              f"seed {seed_sets[0][0]}, mean +- population std over the evaluation repeats")
     lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
              f"{args.split} split; accuracy %, {spread}"
              + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]

@@ -38,12 +38,28 @@ class Runtime:
         return self.rank == 0
 
 
-def slurm_environment(env: dict[str, str]) -> dict[str, str] | None:
-    """torchrun-style variables for a process started by srun, or None outside a SLURM job step."""
+def _slurm_rank_world(env) -> tuple[str, str] | None:
+    """(rank, world size) of a process started by srun, or None outside a SLURM job step."""
     if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
         return None  # not inside srun (a batch script's own shell must not join a process group)
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")),
-           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    return env["SLURM_PROCID"], env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+
+
+def launch_rank_world(env=os.environ) -> tuple[int, int]:
+    """(rank, world size) as the launcher set them (torchrun's RANK / WORLD_SIZE, else a SLURM job step's; a
+    process alone: (0, 1)), read before or without joining the process group."""
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
+    rank, world = _slurm_rank_world(env) or ("0", "1")
+    return int(rank), int(world)
+
+
+def slurm_environment(env: dict[str, str]) -> dict[str, str] | None:
+    """torchrun-style variables for a process started by srun, or None outside a SLURM job step."""
+    slurm = _slurm_rank_world(env)
+    if slurm is None:
+        return None
+    out = {"RANK": slurm[0], "WORLD_SIZE": slurm[1], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_node(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
     out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return out

@@ -64,12 +64,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return UserError, ShardError, FileNotFoundError
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+def _rank_world() -> tuple[int, int]:
+    from .dist import launch_rank_world  # torch only once an entry point has failed
 
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return launch_rank_world()
 
 
 @contextlib.contextmanager
@@ -80,21 +78,21 @@ def one_line_errors(log: logging.Logger) -> Iterator[None]:
         yield
     except (Interrupted, KeyboardInterrupt) as e:
         msg = str(e) if isinstance(e, Interrupted) else "interrupted"
-        if _rank() == 0:
+        if _rank_world()[0] == 0:
             print(f"\n{msg}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except _user_error_types() as e:
         full = os.environ.get("HYDRA_FULL_ERROR") == "1"
         every_rank = getattr(e, "same_on_every_rank", False)
-        rank = _rank()
+        rank, world = _rank_world()
         if full:
             log.exception("rank %d: %s", rank, e)
         else:
-            if rank != 0 and every_rank and _world_size() > 1:
+            if rank != 0 and every_rank and world > 1:
                 time.sleep(QUIET_RANK_GRACE_S)  # let rank 0 say it; the launcher stops this rank when rank 0 exits
             where = "" if rank == 0 else f"(rank {rank}) "
             print(f"error: {where}{e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INPUT) from None
     except Exception:
-        log.exception("rank %d failed", _rank())
+        log.exception("rank %d failed", _rank_world()[0])
         raise SystemExit(EXIT_ERROR) from None
