@@ -27,8 +27,8 @@ import torch
 from csdm_dist import files
 from csdm_dist.distilled import clipped_fraction, decoded_set, normalise, to_uint8
 from csdm_dist.extractors import file_sha256
-from csdm_dist.models import build_network
 from csdm_dist.softlabels import log_prior
+from csdm_dist.teacher import Teacher, read_teacher, trained_network
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,15 +62,6 @@ def shifted_agreement(logits: torch.Tensor, labels: torch.Tensor, counts: list[i
     return {f"{a:g}": 100 * ((logits + a * logpi).argmax(1) == labels).float().mean().item() for a in shifts}
 
 
-def load_teacher_net(path: Path, config: dict) -> torch.nn.Module:
-    """The network of a teacher file (written by `python -m csdm_dist.teacher`), for the set's dataset shape."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    p, d = blob["provenance"], config["dataset"]
-    net = build_network(p["arch"], d["channels"], d["num_classes"], d["image_size"], p["width"], p["depth"], p["norm"])
-    net.load_state_dict(blob["state_dict"])
-    return net.eval()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     s = decoded_set(args.distilled)
@@ -78,14 +69,16 @@ def main(argv=None) -> dict:
     path = args.teacher or (Path(labelled_by["path"]) if labelled_by else None)
     if path is None:
         raise SystemExit(f"{args.distilled} has no soft labels, so no teacher of its own: pass --teacher <file>")
-    if args.teacher is None and file_sha256(path) != labelled_by["sha256"]:
+    sha = file_sha256(path)
+    if args.teacher is None and sha != labelled_by["sha256"]:
         raise SystemExit(f"{path} is not the teacher that labelled {args.distilled} (sha256 differs): it was "
                          "trained again since; pass --teacher to use it anyway")
-    net = load_teacher_net(path, s.config)
+    blob, d = read_teacher(path), s.config["dataset"]
+    net = trained_network(blob, d["channels"], d["num_classes"], d["image_size"])
+    teacher = Teacher(net, blob["provenance"]["counts"], path, sha)
     c = len(s.real_counts)
     clamped = normalise(to_uint8(s.images, s.mean, s.std), s.mean, s.std)
-    with torch.no_grad():
-        raw_z, clamped_z = net(s.images).float(), net(clamped).float()
+    raw_z, clamped_z = teacher.logits(s.images), teacher.logits(clamped)
     report = {"distilled": str(args.distilled), "teacher": str(path), "images": len(s.labels), "factor": s.factor,
               "class_counts": s.real_counts, "clipped_fraction": clipped_fraction(s.images, s.mean, s.std),
               "raw": agreement(raw_z, s.labels, c), "clamped": agreement(clamped_z, s.labels, c),

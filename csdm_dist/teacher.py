@@ -131,6 +131,30 @@ def teacher_network(cfg: Config) -> nn.Module:
     return build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size), t.norm)
 
 
+def read_teacher(path: Path) -> dict:
+    """The contents of a teacher file, refused (naming what to do) when it is not one."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch's own message (a weights_only advice, several lines) does not help here: a teacher holds tensors
+        raise UserError(f"{path} is not a readable teacher file ({type(e).__name__}): it is damaged or was not "
+                        "written by `python -m csdm_dist.teacher`; train it again with that command") from e
+    if not isinstance(blob, dict) or blob.get("kind") != TEACHER_KIND:
+        raise UserError(f"{path} is not a teacher file (written by `python -m csdm_dist.teacher`); set "
+                        "labels.teacher to one")
+    return blob
+
+
+def trained_network(blob: dict, channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The trained network of a teacher file's contents, built as its provenance records (CPU, eval mode, frozen)."""
+    p = blob["provenance"]
+    net = build_network(p["arch"], channels, num_classes, image_size, p["width"], p["depth"], p["norm"])
+    net.load_state_dict(blob["state_dict"])
+    for q in net.parameters():
+        q.requires_grad_(False)
+    return net.eval()
+
+
 def load_teacher(cfg: Config, manifest: dict, device: torch.device) -> Teacher:
     """The teacher of this config (labels.teacher or the default path), checked against its dataset and network."""
     path = teacher_path(cfg)
@@ -139,21 +163,10 @@ def load_teacher(cfg: Config, manifest: dict, device: torch.device) -> Teacher:
     if not path.is_file():
         raise FileNotFoundError(f"no teacher at {path} ({where}); train it with `python -m csdm_dist.teacher` and the "
                                 "same dataset and teacher overrides, or set labels.teacher=<teacher file>")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UserError(f"{path} is not a readable teacher file ({type(e).__name__}: {e}); train it again with "
-                        "`python -m csdm_dist.teacher`") from e
-    if not isinstance(blob, dict) or blob.get("kind") != TEACHER_KIND:
-        raise UserError(f"{path} is not a teacher file (written by `python -m csdm_dist.teacher`); set "
-                        "labels.teacher to one")
-    check_teacher(path, blob["provenance"], teacher_provenance(cfg, manifest))
-    t = cfg.teacher
-    net = teacher_network(cfg)
-    net.load_state_dict(blob["state_dict"])
-    net = net.to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    blob = read_teacher(path)
+    check_teacher(path, blob["provenance"], teacher_provenance(cfg, manifest))  # the network recorded is cfg's
+    d, t = cfg.dataset, cfg.teacher
+    net = trained_network(blob, d.channels, d.num_classes, d.image_size).to(device)
     log.info("teacher %s (%s, %s loss, tau %g)", path, t.arch, t.loss, training_tau(t.loss, t.tau))
     return Teacher(net, blob["provenance"]["counts"], path, file_sha256(path))
 

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from csdm_dist.config import ARCHS, ConfigError, EvalConfig, to_config
+from csdm_dist.errors import UserError
 from csdm_dist.models import build_network, reinit_
 from csdm_dist.runinfo import config_hash
 from csdm_dist.softlabels import (adjusted_logits, kd_loss, log_prior, prior_shifted, soft_label_bytes, soft_targets,
                                   teacher_loss, training_tau)
-from csdm_dist.teacher import balanced_indices, check_teacher, default_teacher_path, recalibrate_bn
+from csdm_dist.teacher import (TEACHER_KIND, balanced_indices, check_teacher, default_teacher_path, read_teacher,
+                               recalibrate_bn, trained_network)
 from runs import compose_cfg
 
 COUNTS = [6, 3, 1]
@@ -189,6 +191,23 @@ def test_teacher_of_another_build_or_network_is_refused_naming_the_key():
     check_teacher("t.pt", old, _provenance(tile_factors=[1]))  # it learnt sharp images alone
     with pytest.raises(ConfigError, match=r"`teacher\.tile_factors`.*tile_factors=\[1\].*tile_factors=\[1, 2\]"):
         check_teacher("t.pt", old, _provenance())
+
+
+def test_a_teacher_file_gives_back_its_network_and_other_files_are_refused(tmp_path):
+    net = reinit_(build_network("convnet", 1, 2, 28, 16, 2, "batchnorm"), torch.Generator().manual_seed(3)).eval()
+    path = tmp_path / "t.pt"
+    torch.save({"kind": TEACHER_KIND, "provenance": _provenance(), "state_dict": net.state_dict()}, path)
+    back = trained_network(read_teacher(path), channels=1, num_classes=2, image_size=28)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)  # built as the provenance records, weights loaded
+    assert not back.training and not any(p.requires_grad for p in back.parameters())
+    torch.save({"members": []}, tmp_path / "pool.pt")
+    with pytest.raises(UserError, match=r"pool\.pt is not a teacher file.*labels\.teacher"):
+        read_teacher(tmp_path / "pool.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match=r"junk\.pt is not a readable teacher file \(UnpicklingError\): .*"
+                                          r"python -m csdm_dist\.teacher`; train it again"):
+        read_teacher(tmp_path / "junk.pt")
 
 
 def test_evaluation_record_names_the_track_and_its_class_weight():
