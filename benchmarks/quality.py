@@ -363,7 +363,7 @@ def records_provenance(pool: Path) -> bool:
     """Whether `pool` exists and records the dataset build it was trained on (distill checks that it is this one)."""
     import torch
 
-    return pool.is_file() and "provenance" in torch.load(pool, map_location="cpu", weights_only=True)
+    return pool.is_file() and "provenance" in torch.load(pool, map_location="cpu", weights_only=True, mmap=True)
 
 
 def commands(data, order, imb, ipc, method, seed, args, mode, run_dir: Path, overrides: list[str],

@@ -54,7 +54,7 @@ def check_pool(path: Path, cfg: Config, manifest: dict) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"extractor pool {path} not found; build it with `python -m csdm_dist.pretrain` "
                                 "(same dataset and extractor settings) or use extractor.mode=random")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the members' tensors stay on disk
     rebuild = ("rebuild it with `python -m csdm_dist.pretrain` and this run's dataset and extractor overrides, or "
                "point extractor.pool_path at a pool of this build")
     recorded = blob.get("provenance") if isinstance(blob, dict) else None
