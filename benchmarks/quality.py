@@ -405,7 +405,7 @@ def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_s
     since has another set)."""
     from csdm_dist.config import EvalConfig
     from csdm_dist.evaluate import eval_record_name
-    from csdm_dist.extractors import file_sha256
+    from csdm_dist.files import file_sha256
 
     ev = EvalConfig(**{**res["config"]["eval"], "arch": arch})
     path = run_dir / eval_record_name(ev)

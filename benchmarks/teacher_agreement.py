@@ -26,7 +26,7 @@ import torch
 
 from csdm_dist import files
 from csdm_dist.distilled import clipped_fraction, decoded_set, normalise, to_uint8
-from csdm_dist.extractors import file_sha256
+from csdm_dist.files import file_sha256
 from csdm_dist.softlabels import log_prior
 from csdm_dist.teacher import Teacher, read_teacher, trained_network
 

@@ -33,7 +33,7 @@ from .data.shards import MANIFEST, dataset_dir, load_manifest, read_split
 from .dist import ParallelLayout, Runtime, all_reduce_sum, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
 from .evaluate import evaluate_set
-from .extractors import file_sha256, resolve_precision
+from .extractors import resolve_precision
 from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
 from .softlabels import FP32_BYTES, soft_targets
@@ -58,7 +58,7 @@ def load_real(cfg: Config, layout: ParallelLayout, device: torch.device, manifes
     if cfg.real_source == "features":
         folder = features_dir(cfg)
         fm = load_features_manifest(folder)
-        check_provenance(folder, fm, provenance(cfg, manifest, file_sha256(Path(cfg.extractor.pool_path))))
+        check_provenance(folder, fm, provenance(cfg, manifest, files.file_sha256(Path(cfg.extractor.pool_path))))
         f = read_features(folder, layout.shard_rank, layout.shards)
         real.features = FeatureData(f.feats.to(device), f.labels.to(device), f.ids.to(device))
         log.info("rank %d holds %d real feature vectors x %d members x %d views from %s", layout.shard_rank,

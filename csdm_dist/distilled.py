@@ -13,7 +13,6 @@ they equal the distilled.pt's up to the uint8 rounding and the clipping (the man
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -30,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import formation
+from .files import stream_sha256
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -105,19 +105,21 @@ def distilled_path(run: Path) -> Path:
 
 
 def read_pt(path: Path) -> tuple[dict, str]:
-    """The dict a distillation saved (distilled.pt) and the sha256 of the bytes it was read from (the file is read
-    once); UserError when it is absent or not one."""
+    """The dict a distillation saved (distilled.pt) and the sha256 of the file it was loaded from (hashed in blocks,
+    so the file's bytes are never held beside its tensors); UserError when it is absent or not one."""
     if not Path(path).is_file():
         raise UserError(f"distilled set {path} not found; run `python -m csdm_dist.distill` first")
-    data = Path(path).read_bytes()
-    try:
-        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a distilled.pt") from e
+    with open(path, "rb") as f:  # hashed and loaded through one descriptor: the same file, however it is renamed
+        sha256 = stream_sha256(f)
+        f.seek(0)
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=False)
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a distilled.pt") from e
     missing = [k for k in ("images", "labels", "mean", "std", "config") if not isinstance(blob, dict) or k not in blob]
     if missing:
         raise UserError(f"{path} is not a distilled set written by csdm_dist.distill: it lacks {missing}")
-    return blob, hashlib.sha256(data).hexdigest()
+    return blob, sha256
 
 
 def soft_probabilities(soft: Tensor, temperature: Optional[float], n_stored: int, factor: int, num_classes: int,

@@ -10,13 +10,13 @@ fp32, so the statistics, the loss and the images' gradients are fp32 whatever th
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, ExtractorConfig
+from .files import file_sha256
 from .models import build_network, reinit_
 
 
@@ -96,15 +96,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"invalid config `precision`: {precision!r} is not auto, fp32 or bf16")
     return precision
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (pools, teachers and distilled sets can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_pool(path: Path, net: nn.Module, device: torch.device) -> tuple[list[tuple[list[Tensor], list[Tensor]]], str]:

@@ -6,13 +6,16 @@ renamed onto it, so a process killed mid-write (a time limit, a preemption that 
 out-of-memory kill, Ctrl-C) leaves the previous file or none, never a truncated one that a resumed run, `--reuse`
 or `--merge` would then fail on or lose rows to. The rename is atomic on one POSIX file system; there is no
 fsync, so this protects against a killed process, not against losing the machine.
+
+The sha256 by which records name a file (a pool, a teacher, a distilled set) is read here too, in blocks.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -42,3 +45,17 @@ def write_json(path: Path | str, obj: Any, indent: int | None = 1) -> Path:
 
 def save_torch(obj: Any, path: Path | str) -> Path:
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def stream_sha256(f: BinaryIO) -> str:
+    """sha256 of an open binary file from where it stands to its end, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (pools, teachers and distilled sets can be large: read in blocks, never whole)."""
+    with open(path, "rb") as f:
+        return stream_sha256(f)

@@ -45,7 +45,6 @@ from .dist import Runtime, close_distributed, init_distributed
 from .distiller import Normalizer
 from .errors import UserError, one_line_errors
 from .evaluate import summarise, test_accuracy
-from .extractors import file_sha256
 from .models import build_network, reinit_
 from .runinfo import git_commit, hardware
 from .softlabels import prior_shifted, teacher_loss, training_tau
@@ -168,7 +167,7 @@ def load_teacher(cfg: Config, manifest: dict, device: torch.device) -> Teacher:
     d, t = cfg.dataset, cfg.teacher
     net = trained_network(blob, d.channels, d.num_classes, d.image_size).to(device)
     log.info("teacher %s (%s, %s loss, tau %g)", path, t.arch, t.loss, training_tau(t.loss, t.tau))
-    return Teacher(net, blob["provenance"]["counts"], path, file_sha256(path))
+    return Teacher(net, blob["provenance"]["counts"], path, files.file_sha256(path))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -312,7 +311,7 @@ def train_teacher(cfg: Config, rt: Runtime) -> Path:
         files.save_torch({"kind": TEACHER_KIND, "format": TEACHER_FORMAT, "provenance": prov,
                           "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                           "teacher": asdict(cfg.teacher), "seed": cfg.seed, "accuracy": acc}, path)
-        record = {"teacher": str(path), "sha256": file_sha256(path), "provenance": prov,
+        record = {"teacher": str(path), "sha256": files.file_sha256(path), "provenance": prov,
                   "teacher_config": asdict(cfg.teacher), "seed": cfg.seed, "world_size": rt.world_size,
                   "split": "test", "accuracy": acc, "accuracy_decoded": decoded, "bn_pass": {"per_class": per_class, "batches": bn_batches},
                   "timing": {"train_s": t1 - t0, "bn_s": t2 - t1, "test_s": time.perf_counter() - t2},

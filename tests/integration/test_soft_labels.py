@@ -22,7 +22,7 @@ from csdm_dist.distiller import Normalizer
 from csdm_dist.distilled import decoded_set
 from csdm_dist.errors import UserError
 from csdm_dist.evaluate import evaluate_file, train_and_test
-from csdm_dist.extractors import file_sha256
+from csdm_dist.files import file_sha256
 from csdm_dist.softlabels import log_prior, soft_label_bytes, soft_targets
 from csdm_dist.teacher import load_teacher, results_path, train_teacher
 from runs import TINY, compose_cfg, distil

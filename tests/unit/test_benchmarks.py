@@ -441,7 +441,7 @@ def test_quality_soft_track_end_to_end(tmp_path):
     assert again["reused_runs"] == 2 and [p.stat().st_mtime_ns for p in records] == stamps
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in report["rows"]]
     # a set that changed since its record (distilled further, say): its record is not taken for it
-    from csdm_dist.extractors import file_sha256
+    from csdm_dist.files import file_sha256
 
     changed = tmp_path / "out" / "natural" / "if10" / "ipc2" / "csdm-soft" / "seed0" / "distilled.pt"
     blob = torch.load(changed, weights_only=False)

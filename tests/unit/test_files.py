@@ -1,4 +1,6 @@
-"""csdm_dist.files: a record is the old file or the new one, never a part, whatever happens while it is written."""
+"""csdm_dist.files: a record is the old file or the new one, never a part, whatever happens while it is written;
+the sha256 records name files by."""
+import hashlib
 import json
 import signal
 import subprocess
@@ -70,3 +72,14 @@ files.write_atomic(Path({str(path)!r}), slow)
     assert json.loads(path.read_text()) == {"old": True}
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("results.json", "started")]
     assert leftovers == [f".results.json.tmp-{proc.pid}"]  # hidden, named by the writer's pid; never read
+
+
+def test_sha256_in_blocks_is_the_sha256_of_the_bytes(tmp_path):
+    data = torch.randint(0, 256, ((5 << 20) // 2 + 7,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "blob.bin"  # 2.5 MiB and 7 bytes: two whole 1 MiB blocks and a part
+    path.write_bytes(data.numpy().tobytes())
+    assert files.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        f.seek(100)  # from where the file stands
+        assert files.stream_sha256(f) == hashlib.sha256(path.read_bytes()[100:]).hexdigest()
+        assert files.stream_sha256(f) == hashlib.sha256(b"").hexdigest()
