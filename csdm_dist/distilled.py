@@ -29,8 +29,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import formation
-from .files import stream_sha256
 from .errors import UserError
+from .files import stream_sha256
 
 log = logging.getLogger(__name__)
 PT = "distilled.pt"
