@@ -6,7 +6,8 @@ place from a torch.Generator by `reinit_`, so a fresh random extractor costs no 
 
 Sizes (s = image side, `norm` = instancenorm | batchnorm | none after every convolution):
 - VGG-11: conv3x3 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M (M = 2x2 max-pool, skipped once the map
-  is 1 px: 28 and 32 px end at 1x1, 64 px at 2x2); the classifier is one linear layer on the flattened final
+  is 1 px; below 32 px the first convolution pads the image to 32 px, so that no convolution sees a 1x1 map, which
+  instance norm would reduce to a constant: 28 and 32 px end at 1x1, 64 px at 2x2); the classifier is one linear layer on the flattened final
   map (512 x m^2 features, m the final side: 1 at 28-32 px, 2 at 64 px). 9.2M parameters at 32 px, 10 classes.
 - AlexNet (the small-kernel variant of the DC/DM code): conv5x5 128, M, conv5x5 192, M, conv3x3 256, 192, 192,
   M, then one linear layer on the flattened 192 x (s // 8)^2 map (3x3 at 28 px, 4x4 at 32 px, 8x8 at 64 px).
@@ -101,15 +102,18 @@ class VGG11(nn.Module):
     def __init__(self, channels: int, num_classes: int, image_size: int, norm: str = "instancenorm"):
         super().__init__()
         layers: list[nn.Module] = []
-        ch, size = channels, image_size
+        # below 32 px the first convolution pads the image up to 32 (as the DC code does for 28 px): else the last
+        # two convolutions run on 1 x 1 maps, which an instance norm sets to its bias alone, the same for every image
+        pad = 1 + (max(0, 32 - image_size) + 1) // 2
+        ch, size = channels, image_size + 2 * pad - 2
         for v in self.LAYERS:
             if v == "M":
                 if size > 1:
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
                 continue
-            layers += [nn.Conv2d(ch, v, 3, padding=1), _norm(norm, v), nn.ReLU(inplace=True)]
-            ch = v
+            layers += [nn.Conv2d(ch, v, 3, padding=pad), _norm(norm, v), nn.ReLU(inplace=True)]
+            ch, pad = v, 1
         self.features = nn.Sequential(*layers)
         self.feature_dim = ch * size * size
         self.classifier = nn.Linear(self.feature_dim, num_classes)

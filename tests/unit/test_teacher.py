@@ -111,6 +111,19 @@ def test_every_architecture_forwards(arch, channels, size):
     assert net.embed(torch.randn(2, channels, size, size)).shape == (2, net.feature_dim)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("size", [28, 32])
+def test_every_architecture_with_instance_norm_tells_images_apart(arch, size):
+    """No layer reduces the features to a constant: an instance norm on a 1x1 map outputs its bias alone (VGG-11 at
+    28 px did, and every evaluation network trained on it scored 10 %)."""
+    net = reinit_(build_network(arch, 1, 7, size, width=16, depth=2, norm="instancenorm"),
+                  torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(4, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        spread = net.embed(x).std(0).mean()  # over the images, per feature: about 0.3 where nothing collapses
+    assert spread > 1e-2
+
+
 def test_unknown_eval_arch_names_the_key_and_the_choices():
     with pytest.raises(ConfigError, match=r"eval\.arch.*'vgg16'.*convnet.*resnet18.*vgg11.*alexnet"):
         EvalConfig(arch="vgg16")
