@@ -16,9 +16,10 @@ Per configuration: warm-up steps, a pass with the PhaseTimer off (step time), th
 Case B, an ImageNet-LT-sized feature set: 1000 classes, 115,846 random fp16 features of d = 512 and 2048 dims,
 M = 4096 and 1024. Timed directly, not as a Distiller step (the synthetic side at ImageNet scale is another
 matter): the real side of a features step, `Extractor.finish` (fp16 -> fp32, L2 normalisation) then
-`spectral.class_statistics` over all features at fresh gaussian frequencies (drawn before the clock). The images source at ImageNet-LT's setting is
-not run: its cost is estimated from a measured per-image forward at 64 px (extractor.embed under no_grad on
-normalised random images: ConvNet depth 4 width 128, d = 2048; ResNet-18, d = 512), without augmentation.
+`spectral.class_statistics` over all features at fresh gaussian frequencies (drawn before the clock). The images
+source at ImageNet-LT's setting is not run: its cost is estimated from a measured per-image forward at 64 px
+(extractor.embed under no_grad on normalised random images: ConvNet depth 4 width 128, d = 2048; ResNet-18,
+d = 512), without augmentation.
 
 Crossover: per real sample, c_img = the images source's real side (forward + statistics) per image and c_feat
 = the features source's real side per feature. Featurising a batch of B images costs as much as the

@@ -144,8 +144,8 @@ def fetch(cache: Path, name: str, version: str, python: str, pure: bool) -> Path
             print(f"  downloading {spec} for Python {python}", flush=True)
             ver = python.replace(".", "")
             proc = pip("download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
-                       "--implementation", "cp", "--abi", f"cp{ver}", *[a for p in PLATFORMS for a in ("--platform", p)],
-                       spec, "-d", tmp)
+                       "--implementation", "cp", "--abi", f"cp{ver}",
+                       *[a for p in PLATFORMS for a in ("--platform", p)], spec, "-d", tmp)
         got = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not got:
             why = (proc.stderr or proc.stdout).strip().splitlines()

@@ -664,7 +664,8 @@ def settings_line(part: list[dict]) -> list[str]:
     a = s[0]
     e = a["eval"]
     text = (f"Settings: {a['iterations']} steps, factor {a['factor']}, init {a['init']}, lr {a['lr']:g} "
-            f"({a['lr_schedule']}), {a['extractor']} extractors in {a.get('precision') or 'unrecorded precision'}; evaluation {e['protocol']} protocol, {e['arch']}, "
+            f"({a['lr_schedule']}), {a['extractor']} extractors in {a.get('precision') or 'unrecorded precision'}; "
+            f"evaluation {e['protocol']} protocol, {e['arch']}, "
             f"{e['epochs']} epochs x {e['repeats']} repeats on {e['split']}")
     same = all((x["iterations"], x["factor"], x["init"], x["lr"], x["lr_schedule"]) ==
                (a["iterations"], a["factor"], a["init"], a["lr"], a["lr_schedule"]) for x in s)

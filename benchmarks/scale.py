@@ -217,7 +217,8 @@ def report(runs: list[dict]) -> None:
           "measured / estimate | synthetic (MB, estimate) | all-reduce (MB/step) | step (s) |\n|" + "---|" * 11)
     for r in runs:
         print(f"| {r['ipc']} | {r['world']} | {r['real_source']} | {r['peak_rss_mb']:.0f} | "
-              f"{r['baseline_rss_mb']:.0f} | {r['peak_minus_baseline_mb']:.0f} | {r['estimate_mb']:.0f} | {r['measured_over_estimate']:.2f} | "
+              f"{r['baseline_rss_mb']:.0f} | {r['peak_minus_baseline_mb']:.0f} | {r['estimate_mb']:.0f} | "
+              f"{r['measured_over_estimate']:.2f} | "
               f"{r['synthetic_mb']:.0f} | {r['allreduce_bytes'] / MB:.1f} | {r['step_s']:.1f} |")
     print("\nphases (rank 0, median ms per step):\n| IPC | world | source | " + " | ".join(PHASES) + " |\n|"
           + "---|" * (3 + len(PHASES)))

@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PHASES, OtherLoad, devices_for, write_report, build_distiller, class_counts, compose, machine_info, wait_idle
+from common import (PHASES, OtherLoad, build_distiller, class_counts, compose, devices_for, machine_info, wait_idle,
+                    write_report)
 
 TARGET = {"cpu": 1.5, "cuda": 1.25}  # the aim for step / floor
 DEFAULT_STEPS = {"cpu": (2, 5), "cuda": (5, 20)}  # (warm-up, measured)
@@ -151,8 +152,8 @@ def report(results: list[dict], cfg, expected_batch: float) -> None:
     print(f"\n{d.name} counts {class_counts(cfg)}, {d.image_size} px x {d.channels}, real_per_class "
           f"{cfg.distill.real_per_class} (expected {expected_batch:.0f} real images/step), {e.arch} depth "
           f"{e.depth_at(d.image_size)} width {e.width}, IPC {cfg.ipc}, M {cfg.method.kernel.num_freqs}, method "
-          f"{cfg.method.name}. Medians; floor = the extractor forward (in distill.real_chunk chunks, + L2 normalisation) over the step's real "
-          f"batch.")
+          f"{cfg.method.name}. Medians; floor = the extractor forward (in distill.real_chunk chunks, + L2 "
+          f"normalisation) over the step's real batch.")
     print("| device | precision | threads | step (s) | floor (s) | step/floor | target | real img/step | "
           f"host peak RSS (MB) | device peak (MB) | NCFM A100 (s/iter) |\n|{'---|' * 11}")
     for r in results:

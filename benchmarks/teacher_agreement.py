@@ -26,7 +26,6 @@ import torch
 
 from csdm_dist import files
 from csdm_dist.distilled import clipped_fraction, decoded_set, normalise, to_uint8
-from csdm_dist.files import file_sha256
 from csdm_dist.softlabels import log_prior
 from csdm_dist.teacher import Teacher, read_teacher, trained_network
 
@@ -69,11 +68,11 @@ def main(argv=None) -> dict:
     path = args.teacher or (Path(labelled_by["path"]) if labelled_by else None)
     if path is None:
         raise SystemExit(f"{args.distilled} has no soft labels, so no teacher of its own: pass --teacher <file>")
-    sha = file_sha256(path)
+    blob, sha = read_teacher(path)
     if args.teacher is None and sha != labelled_by["sha256"]:
         raise SystemExit(f"{path} is not the teacher that labelled {args.distilled} (sha256 differs): it was "
                          "trained again since; pass --teacher to use it anyway")
-    blob, d = read_teacher(path), s.config["dataset"]
+    d = s.config["dataset"]
     net = trained_network(blob, d["channels"], d["num_classes"], d["image_size"])
     teacher = Teacher(net, blob["provenance"]["counts"], path, sha)
     c = len(s.real_counts)

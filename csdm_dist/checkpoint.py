@@ -74,5 +74,6 @@ def check_meta(root: Path, step: int, expect: dict[str, Any]) -> None:
     meta = _meta(path)
     for key, want in expect.items():
         if meta.get(key) != want:
-            raise RunDirError(f"checkpoint {path} has {key}={meta.get(key)!r} but this run has {want!r}; resume with "
-                             f"the same settings, or move the old run aside with overwrite=true, or use another out_dir")
+            raise RunDirError(f"checkpoint {path} has {key}={meta.get(key)!r} but this run has {want!r}; resume "
+                              f"with the same settings, or move the old run aside with overwrite=true, or use "
+                              f"another out_dir")

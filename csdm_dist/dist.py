@@ -60,7 +60,8 @@ def slurm_environment(env: dict[str, str]) -> dict[str, str] | None:
     if slurm is None:
         return None
     out = {"RANK": slurm[0], "WORLD_SIZE": slurm[1], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
-    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_node(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")))
+    nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))
+    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_node(nodes)
     out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return out
 

@@ -86,7 +86,8 @@ def check_memory(cfg: Config, rt: Runtime, counts: list[int]) -> None:
         check_fits(est, here, available)
 
 
-def initial_images(cfg: Config, real: RealData, layout: ParallelLayout, norm: Normalizer) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_images(cfg: Config, real: RealData, layout: ParallelLayout,
+                   norm: Normalizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(the synthetic set's start, the random-real baseline), both ipc stored images per class.
 
     The same images unless distill.init=noise or mix. `mix`: the f^2 tiles of each stored image are f^2 different
@@ -196,7 +197,8 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
         soft = teacher.logits(formation.decode(final, cfg.synthetic.factor), cfg.labels.prior_adjust).cpu()
     if rt.is_main:  # the stored images (ipc per class) and their factor: formation.decode_set gives the samples
         files.save_torch({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor,
-                          "class_counts": counts, "config": asdict(cfg), "mean": cfg.dataset.mean, "std": cfg.dataset.std,
+                          "class_counts": counts, "config": asdict(cfg),
+                          "mean": cfg.dataset.mean, "std": cfg.dataset.std,
                           **soft_label_record(cfg, soft, teacher)}, run_dir / "distilled.pt")
         save_image(distiller.norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
 

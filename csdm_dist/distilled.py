@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from . import formation
 from .errors import UserError
-from .files import stream_sha256
+from .files import load_torch
 
 log = logging.getLogger(__name__)
 PT = "distilled.pt"
@@ -109,13 +109,10 @@ def read_pt(path: Path) -> tuple[dict, str]:
     so the file's bytes are never held beside its tensors); UserError when it is absent or not one."""
     if not Path(path).is_file():
         raise UserError(f"distilled set {path} not found; run `python -m csdm_dist.distill` first")
-    with open(path, "rb") as f:  # hashed and loaded through one descriptor: the same file, however it is renamed
-        sha256 = stream_sha256(f)
-        f.seek(0)
-        try:
-            blob = torch.load(f, map_location="cpu", weights_only=False)
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a distilled.pt") from e
+    try:
+        blob, sha256 = load_torch(path, weights_only=False)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a distilled.pt") from e
     missing = [k for k in ("images", "labels", "mean", "std", "config") if not isinstance(blob, dict) or k not in blob]
     if missing:
         raise UserError(f"{path} is not a distilled set written by csdm_dist.distill: it lacks {missing}")

@@ -42,7 +42,9 @@ class Normalizer:
 
     @classmethod
     def build(cls, mean: list[float], std: list[float], device: torch.device) -> "Normalizer":
-        return cls(torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+        def column(v: list[float]) -> torch.Tensor:
+            return torch.tensor(v, device=device).view(1, -1, 1, 1)
+        return cls(column(mean), column(std))
 
     def __call__(self, x_uint8: Tensor) -> Tensor:
         return (x_uint8.float() / 255.0 - self.mean) / self.std
@@ -128,7 +130,8 @@ class Distiller:
 
         def sums_of(x: Tensor, y: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
             x = self.augmented(x, i, op, rng.SYN_AUG, step)
-            sums = S.class_statistics(self.extractor.embed(x), y, self.num_classes, freqs, freq_scale=self.freq_scale)[0]
+            sums = S.class_statistics(self.extractor.embed(x), y, self.num_classes, freqs,
+                                      freq_scale=self.freq_scale)[0]
             if self.teacher is None:
                 return sums, sums.new_zeros(())
             return sums, F.cross_entropy(self.teacher(x).float(), y, reduction="sum")

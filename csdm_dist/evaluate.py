@@ -208,10 +208,10 @@ def evaluate_set(images: Tensor, labels: Tensor, test_x: Tensor, test_y: Tensor,
     curves = torch.zeros(cfg.repeats, len(tested), c, device=device)
     confusion = torch.zeros(c, c, device=device)  # summed over the repeats
     for r in range(rank, cfg.repeats, world):
-        last, best, conf, curves[r] = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg, image_size, seed,
-                                          r, device, desc=f"eval {name} {r + 1}/{cfg.repeats}",
-                                          soft_probs=soft_probs,
-                                          temperature=temperature, relabel=relabel)
+        last, best, conf, curves[r] = train_and_test(images, labels, test_x, test_y, norm, c, cfg, net_cfg,
+                                                     image_size, seed, r, device,
+                                                     desc=f"eval {name} {r + 1}/{cfg.repeats}", soft_probs=soft_probs,
+                                                     temperature=temperature, relabel=relabel)
         acc[0, r], acc[1, r] = last, best
         confusion += conf
     if dist.is_initialized() and world > 1:
@@ -327,8 +327,8 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
             print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats, "
                   f"labels: {track}, {ev.arch}\n"
                   f"overall {acc['mean']:.2f} +- {acc['std']:.2f} (best tested epoch {acc['best_mean']:.2f}), "
-                  f"many {acc['many']:.2f}, medium {acc['medium']:.2f}, few {acc['few']:.2f}, on the {ev.split} split in "
-                  f"{time.perf_counter() - t0:.0f} s\nwrote {out}")
+                  f"many {acc['many']:.2f}, medium {acc['medium']:.2f}, few {acc['few']:.2f}, "
+                  f"on the {ev.split} split in {time.perf_counter() - t0:.0f} s\nwrote {out}")
         return acc
     finally:
         close_distributed()

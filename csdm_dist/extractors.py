@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, ExtractorConfig
-from .files import file_sha256
+from .files import load_torch
 from .models import build_network, reinit_
 
 
@@ -25,7 +25,8 @@ class Extractor:
                  device: torch.device, normalize: bool, precision: str):
         self.cfg, self.normalize, self.device = cfg, normalize, device
         self.precision = resolve_precision(precision, device)  # `fp32` or `bf16`
-        self.net = build_network(cfg.arch, channels, num_classes, image_size, cfg.width, cfg.depth_at(image_size), cfg.norm).to(device)
+        self.net = build_network(cfg.arch, channels, num_classes, image_size, cfg.width, cfg.depth_at(image_size),
+                                 cfg.norm).to(device)
         self.net.eval()  # batchnorm (if chosen) uses batch statistics only in training; extractors are not trained
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -103,8 +104,7 @@ def load_pool(path: Path, net: nn.Module, device: torch.device) -> tuple[list[tu
     if not path.is_file():
         raise FileNotFoundError(f"extractor pool {path} not found; build it with `python -m csdm_dist.pretrain` "
                                 "(same dataset and extractor settings) or use extractor.mode=random")
-    sha = file_sha256(path)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob, sha = load_torch(path, weights_only=True)
     names = [n for n, _ in net.named_parameters()]
     pool = []
     for i, member in enumerate(blob["members"]):

@@ -7,7 +7,9 @@ out-of-memory kill, Ctrl-C) leaves the previous file or none, never a truncated 
 or `--merge` would then fail on or lose rows to. The rename is atomic on one POSIX file system; there is no
 fsync, so this protects against a killed process, not against losing the machine.
 
-The sha256 by which records name a file (a pool, a teacher, a distilled set) is read here too, in blocks.
+The sha256 by which records name a file (a pool, a teacher, a distilled set) is read here too, in blocks, and
+`load_torch` reads a file's hash and its contents through one descriptor, so a record never pairs one file's hash
+with another's contents (a teacher retrained, a set distilled further while a run reads it).
 """
 from __future__ import annotations
 
@@ -59,3 +61,13 @@ def file_sha256(path: Path) -> str:
     """sha256 of a file (pools, teachers and distilled sets can be large: read in blocks, never whole)."""
     with open(path, "rb") as f:
         return stream_sha256(f)
+
+
+def load_torch(path: Path | str, **load_kwargs: Any) -> tuple[Any, str]:
+    """torch.load(path, map_location="cpu", **load_kwargs) and the sha256 of the very bytes loaded: hashed in blocks,
+    then loaded, through one open descriptor (however the path is replaced meanwhile). torch.load's own errors pass
+    through: each caller knows what the file should have been and says so."""
+    with open(path, "rb") as f:
+        sha256 = stream_sha256(f)
+        f.seek(0)
+        return torch.load(f, map_location="cpu", **load_kwargs), sha256

@@ -259,8 +259,8 @@ def check_fits(est: MemoryEstimate, ranks_here: int, available: int) -> None:
         hint = {"activations, synthetic": "set distill.syn_chunk (e.g. 1024: activation checkpointing holds one chunk)",
                 "activations, real (no grad)": "lower distill.real_chunk",
                 "statistics, real side": "lower method.kernel.num_freqs",
-                "statistics, synthetic side": "set distill.syn_chunk or lower method.kernel.num_freqs"}.get(top[0], "lower ipc (or the settings "
-                                                                                        "behind that item)")
+                "statistics, synthetic side": "set distill.syn_chunk or lower method.kernel.num_freqs"}.get(
+            top[0], "lower ipc (or the settings behind that item)")
         raise ConfigError(f"invalid config `force_memory`: the memory estimate {human(need)}{per} exceeds the "
                           f"{human(available)} available; the largest item is {top[0]} ({human(top[1])}: {top[2]}). "
                           f"{hint[0].upper() + hint[1:]}, use more ranks, or pass force_memory=true to start anyway "

@@ -7,8 +7,9 @@ place from a torch.Generator by `reinit_`, so a fresh random extractor costs no 
 Sizes (s = image side, `norm` = instancenorm | batchnorm | none after every convolution):
 - VGG-11: conv3x3 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M (M = 2x2 max-pool, skipped once the map
   is 1 px; below 32 px the first convolution pads the image to 32 px, so that no convolution sees a 1x1 map, which
-  instance norm would reduce to a constant: 28 and 32 px end at 1x1, 64 px at 2x2); the classifier is one linear layer on the flattened final
-  map (512 x m^2 features, m the final side: 1 at 28-32 px, 2 at 64 px). 9.2M parameters at 32 px, 10 classes.
+  instance norm would reduce to a constant: 28 and 32 px end at 1x1, 64 px at 2x2); the classifier is one linear
+  layer on the flattened final map (512 x m^2 features, m the final side: 1 at 28-32 px, 2 at 64 px).
+  9.2M parameters at 32 px, 10 classes.
 - AlexNet (the small-kernel variant of the DC/DM code): conv5x5 128, M, conv5x5 192, M, conv3x3 256, 192, 192,
   M, then one linear layer on the flattened 192 x (s // 8)^2 map (3x3 at 28 px, 4x4 at 32 px, 8x8 at 64 px).
   1.9M parameters at 32 px, 10 classes.

@@ -35,7 +35,8 @@ POOL_NET_KEYS = {"arch": "extractor.arch", "width": "extractor.width", "depth": 
 
 def default_pool_path(cfg: Config) -> Path:
     e = cfg.extractor
-    return dataset_dir(cfg.dataset) / "pools" / f"{e.arch}-w{e.width}-d{e.depth_at(cfg.dataset.image_size)}-{e.norm}-k{e.pool_size}-s{cfg.seed}.pt"
+    name = f"{e.arch}-w{e.width}-d{e.depth_at(cfg.dataset.image_size)}-{e.norm}-k{e.pool_size}-s{cfg.seed}.pt"
+    return dataset_dir(cfg.dataset) / "pools" / name
 
 
 def pool_provenance(cfg: Config, manifest: dict) -> dict:
@@ -72,7 +73,8 @@ def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor
     augmented batches, to tell whether pool_epochs trained the member to convergence}."""
     d, e = cfg.dataset, cfg.extractor
     g = rng.generator(cfg.seed, k, rng.EXTRACTOR, 1_000_003)
-    net = reinit_(build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth_at(d.image_size), e.norm), g)
+    net = build_network(e.arch, d.channels, d.num_classes, d.image_size, e.width, e.depth_at(d.image_size), e.norm)
+    net = reinit_(net, g)
     net = net.to(device).train()
     init = {n: p.detach().cpu().clone() for n, p in net.named_parameters()}
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -82,7 +84,8 @@ def train_member(cfg: Config, k: int, images: torch.Tensor, labels: torch.Tensor
                dynamic_ncols=True)  # progress inside each epoch: one epoch of a large set takes minutes on a CPU
     history = []
     for epoch in range(e.pool_epochs):
-        bar.set_postfix(epoch=f"{epoch + 1}/{e.pool_epochs}", **({"loss": f"{history[-1]['loss']:.3f}"} if history else {}))
+        shown = {"loss": f"{history[-1]['loss']:.3f}"} if history else {}
+        bar.set_postfix(epoch=f"{epoch + 1}/{e.pool_epochs}", **shown)
         perm = torch.randperm(len(labels), generator=g).to(device)
         loss_sum = correct = torch.zeros((), device=device)
         for i in range(0, len(labels), batch):
@@ -129,7 +132,8 @@ def pretrain(cfg: Config, rank: int, world: int, device: torch.device) -> Path:
         files.save_torch({"members": members, "dataset": cfg.dataset.name, "extractor": vars(cfg.extractor),
                           "provenance": pool_provenance(cfg, manifest)}, path)
         last = [m["history"][-1] for m in members if m["history"]]
-        fit = (f"; last epoch's training loss {min(h['loss'] for h in last):.4f} to {max(h['loss'] for h in last):.4f}, "
+        fit = (f"; last epoch's training loss {min(h['loss'] for h in last):.4f} to "
+               f"{max(h['loss'] for h in last):.4f}, "
                f"accuracy {min(h['accuracy'] for h in last):.2f} to {max(h['accuracy'] for h in last):.2f} %"
                if last else "")
         print(f"wrote a pool of {k_total} to {path}{fit}\nuse it with: extractor.mode=pool extractor.pool_path={path}")

@@ -202,7 +202,8 @@ def spectral_loss(real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor], alpha
     }
 
 
-def mean_matching_loss(real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor], scale: float = 1.0) -> dict[str, Tensor]:
+def mean_matching_loss(real: tuple[Tensor, Tensor], syn: tuple[Tensor, Tensor],
+                       scale: float = 1.0) -> dict[str, Tensor]:
     """DM: sum_c |mean z_c - mean z~_c|^2 from linear-kernel statistics (sums [C, d], counts [C])."""
     (r_sums, r_n), (s_sums, s_n) = real, syn
     diff = r_sums / r_n.clamp_min(1).unsqueeze(1) - s_sums / s_n.clamp_min(1).unsqueeze(1)

@@ -60,7 +60,8 @@ def pick_real_init(images: Tensor, labels: Tensor, ids: Tensor, num_classes: int
     keys = rng.sample_uniforms(ids, seed, 0, rng.INIT).squeeze(1).to(dev)
     order = torch.argsort(labels.double() * 4 + keys.double())  # by class, then by key
     sorted_labels = labels[order]
-    starts = torch.cumsum(torch.bincount(labels, minlength=num_classes), 0) - torch.bincount(labels, minlength=num_classes)
+    per_class = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(per_class, 0) - per_class
     pos = torch.arange(len(order), device=dev) - starts[sorted_labels]
     take = pos < ipc
     cand_key = torch.full((num_classes, ipc), _NO_KEY, device=dev)

@@ -130,10 +130,11 @@ def teacher_network(cfg: Config) -> nn.Module:
     return build_network(t.arch, d.channels, d.num_classes, d.image_size, t.width, t.depth_at(d.image_size), t.norm)
 
 
-def read_teacher(path: Path) -> dict:
-    """The contents of a teacher file, refused (naming what to do) when it is not one."""
+def read_teacher(path: Path) -> tuple[dict, str]:
+    """The contents of a teacher file and the sha256 of the bytes they were read from; refused (naming what to do)
+    when it is not one."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob, sha256 = files.load_torch(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         # torch's own message (a weights_only advice, several lines) does not help here: a teacher holds tensors
         raise UserError(f"{path} is not a readable teacher file ({type(e).__name__}): it is damaged or was not "
@@ -141,7 +142,7 @@ def read_teacher(path: Path) -> dict:
     if not isinstance(blob, dict) or blob.get("kind") != TEACHER_KIND:
         raise UserError(f"{path} is not a teacher file (written by `python -m csdm_dist.teacher`); set "
                         "labels.teacher to one")
-    return blob
+    return blob, sha256
 
 
 def trained_network(blob: dict, channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -162,12 +163,12 @@ def load_teacher(cfg: Config, manifest: dict, device: torch.device) -> Teacher:
     if not path.is_file():
         raise FileNotFoundError(f"no teacher at {path} ({where}); train it with `python -m csdm_dist.teacher` and the "
                                 "same dataset and teacher overrides, or set labels.teacher=<teacher file>")
-    blob = read_teacher(path)
+    blob, sha256 = read_teacher(path)
     check_teacher(path, blob["provenance"], teacher_provenance(cfg, manifest))  # the network recorded is cfg's
     d, t = cfg.dataset, cfg.teacher
     net = trained_network(blob, d.channels, d.num_classes, d.image_size).to(device)
     log.info("teacher %s (%s, %s loss, tau %g)", path, t.arch, t.loss, training_tau(t.loss, t.tau))
-    return Teacher(net, blob["provenance"]["counts"], path, files.file_sha256(path))
+    return Teacher(net, blob["provenance"]["counts"], path, sha256)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -313,7 +314,8 @@ def train_teacher(cfg: Config, rt: Runtime) -> Path:
                           "teacher": asdict(cfg.teacher), "seed": cfg.seed, "accuracy": acc}, path)
         record = {"teacher": str(path), "sha256": files.file_sha256(path), "provenance": prov,
                   "teacher_config": asdict(cfg.teacher), "seed": cfg.seed, "world_size": rt.world_size,
-                  "split": "test", "accuracy": acc, "accuracy_decoded": decoded, "bn_pass": {"per_class": per_class, "batches": bn_batches},
+                  "split": "test", "accuracy": acc, "accuracy_decoded": decoded,
+                  "bn_pass": {"per_class": per_class, "batches": bn_batches},
                   "timing": {"train_s": t1 - t0, "bn_s": t2 - t1, "test_s": time.perf_counter() - t2},
                   "git_commit": git_commit(), "hardware": hardware(rt.device)}
         files.write_json(results_path(path), record)

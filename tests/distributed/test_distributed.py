@@ -80,7 +80,8 @@ def free_port() -> int:
 
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -460,7 +461,8 @@ def test_sigkilled_rank_recovers(datasets, tmp_path):
 
     text = run_ok(cmd, tmp_path / "relaunch.log")
     resumed = re.findall(r"\[rank (\d)\].*resumed from \S+ at step (\d+)", text)
-    assert sorted(r for r, _ in resumed) == ["0", "1"], f"both ranks should log a resume{tail(tmp_path / 'relaunch.log')}"
+    assert sorted(r for r, _ in resumed) == ["0", "1"], \
+        f"both ranks should log a resume{tail(tmp_path / 'relaunch.log')}"
     steps = {int(s) for _, s in resumed}
     assert steps == {on_disk} and on_disk >= seen, (steps, seen, on_disk)  # lost at most `every` steps of work
     assert results(out)["timing"]["steps"] == iterations

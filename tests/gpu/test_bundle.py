@@ -180,8 +180,9 @@ def test_bundle_contents(bundles):
         info = z.read("deepspeed/git_version_info_installed.py").decode()
     assert re.search(r"installed_ops=\{[^}]*\}", info) and "True" not in info.split("installed_ops=")[1].split("}")[0]
     # the pure-Python wheels are the very same files in both bundles: what the test installs is what the device gets
-    pure311 = {w.name: sha(w) for w in (b311 / "wheels").glob("*.whl") if gpu_bundle.is_pure_tag(gpu_bundle.wheel_info(w)[2])}
-    pure312 = {w.name: sha(w) for w in wheels if gpu_bundle.is_pure_tag(gpu_bundle.wheel_info(w)[2])}
+    def pure(ws):
+        return {w.name: sha(w) for w in ws if gpu_bundle.is_pure_tag(gpu_bundle.wheel_info(w)[2])}
+    pure311, pure312 = pure((b311 / "wheels").glob("*.whl")), pure(wheels)
     assert pure311 == pure312 and len(pure312) == len(gpu_bundle.PURE)
 
 

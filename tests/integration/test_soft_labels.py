@@ -62,7 +62,8 @@ def test_teacher_file_and_its_results(teacher_file):
     acc = record["accuracy"]
     assert record["split"] == "test" and 0 <= acc["mean"] <= 100 and len(acc["per_class"]) == 10
     assert {"many", "medium", "few"} <= acc.keys()
-    assert record["bn_pass"]["per_class"] == 11 and record["bn_pass"]["batches"] == 4  # 118 images // 10 classes; 110 in batches of 32
+    # 118 images // 10 classes = 11 per class; 110 in batches of 32
+    assert record["bn_pass"]["per_class"] == 11 and record["bn_pass"]["batches"] == 4
     bn = blob["state_dict"]["features.1.running_mean"]
     assert torch.isfinite(bn).all() and int(blob["state_dict"]["features.1.num_batches_tracked"]) == 4
 
@@ -128,8 +129,9 @@ def test_soft_set_evaluates_on_every_track_and_architecture(soft_run):
 
 
 def test_evaluation_reads_soft_labels_as_load_distilled_does(soft_run, tmp_path):
-    """One reader (distilled.decoded_set, as load_distilled): the stored logits, the same labels stored as probabilities, and
-    one row per decoded image or per stored image (its f^2 tiles share it) all train the same networks."""
+    """One reader (distilled.decoded_set, as load_distilled): the stored logits, the same labels stored as
+    probabilities, and one row per decoded image or per stored image (its f^2 tiles share it) all train the same
+    networks."""
     _, _, out = soft_run
     blob = torch.load(out / "distilled.pt", weights_only=False)
     z, t, f = blob["soft_labels"], blob["temperature"], blob["factor"]

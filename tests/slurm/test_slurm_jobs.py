@@ -132,7 +132,8 @@ def test_preempted_job_resumes_with_the_same_result(slurm_cluster, tiny_dataset,
         slurm_cluster.run("scancel", "--signal=USR2", job_id)
     else:
         slurm_cluster.run("scontrol", "requeue", job_id)
-    states = wait_until(slurm_cluster, job_id, run, finished(slurm_cluster, job_id, run), "the results after requeueing")
+    states = wait_until(slurm_cluster, job_id, run, finished(slurm_cluster, job_id, run),
+                        "the results after requeueing")
     print(f"\npreempted ({how}) 2-node job {job_id}: {time.monotonic() - t0:.1f} s; states {'; '.join(states)}")
 
     text = logs(run, job_id, tail=None)

@@ -395,7 +395,8 @@ def test_quality_soft_track_has_one_teacher_per_cell_given_to_every_method(tmp_p
     path = quality.teacher_file(args, "natural", 100.0, extra)
     assert path == quality.teacher_file(args, "natural", 100.0, extra[::-1])  # the overrides' order is irrelevant
     assert path != quality.teacher_file(args, "natural", 100.0, ["teacher.epochs=4", "dataset.n_max=100"])
-    assert path != quality.teacher_file(args, "hardtail", 100.0, extra) != quality.teacher_file(args, "natural", 10, extra)
+    assert path != quality.teacher_file(args, "hardtail", 100.0, extra) \
+        != quality.teacher_file(args, "natural", 10, extra)
     assert quality.teacher_file(args, "natural", 100.0, extra + ["synthetic.factor=3"]) == path  # not a teacher key
     cmd = quality.teacher_command(["dataset=fashion_mnist_lt"], 100.0, args, path, extra)
     assert cmd[1:3] == ["-m", "csdm_dist.teacher"]

@@ -2,6 +2,7 @@
 the sha256 records name files by."""
 import hashlib
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -83,3 +84,19 @@ def test_sha256_in_blocks_is_the_sha256_of_the_bytes(tmp_path):
         f.seek(100)  # from where the file stands
         assert files.stream_sha256(f) == hashlib.sha256(path.read_bytes()[100:]).hexdigest()
         assert files.stream_sha256(f) == hashlib.sha256(b"").hexdigest()
+
+
+def test_load_torch_gives_the_contents_and_the_sha256_of_the_same_bytes(tmp_path):
+    path = tmp_path / "t.pt"
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    files.save_torch({"x": x, "name": "first"}, path)
+    first = hashlib.sha256(path.read_bytes()).hexdigest()
+    blob, sha = files.load_torch(path, weights_only=True)
+    assert sha == first and blob["name"] == "first"
+    torch.testing.assert_close(blob["x"], x, rtol=0, atol=0)
+    files.save_torch({"x": 2 * x, "name": "second"}, path)  # replaced: a new hash with the new contents
+    blob, sha = files.load_torch(path, weights_only=True)
+    assert blob["name"] == "second" and sha == hashlib.sha256(path.read_bytes()).hexdigest() != first
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(pickle.UnpicklingError):  # torch's own error passes through, for the caller to word
+        files.load_torch(tmp_path / "junk.pt", weights_only=True)

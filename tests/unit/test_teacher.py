@@ -210,7 +210,7 @@ def test_a_teacher_file_gives_back_its_network_and_other_files_are_refused(tmp_p
     net = reinit_(build_network("convnet", 1, 2, 28, 16, 2, "batchnorm"), torch.Generator().manual_seed(3)).eval()
     path = tmp_path / "t.pt"
     torch.save({"kind": TEACHER_KIND, "provenance": _provenance(), "state_dict": net.state_dict()}, path)
-    back = trained_network(read_teacher(path), channels=1, num_classes=2, image_size=28)
+    back = trained_network(read_teacher(path)[0], channels=1, num_classes=2, image_size=28)
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)  # built as the provenance records, weights loaded
     assert not back.training and not any(p.requires_grad for p in back.parameters())
