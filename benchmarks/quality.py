@@ -17,7 +17,9 @@ same overrides (factor, init, lr schedule, budget), the same evaluation protocol
 `--archs` evaluates every run's set on each of those networks too (cross-architecture: the set is distilled once,
 with the extractor of its config; `python -m csdm_dist.evaluate distilled=<run>/distilled.pt eval.arch=<arch>`
 writes `eval-<protocol>-<epochs>ep-x<repeats>[-val]-<arch>[-soft].json` beside it, with the run's own protocol,
-epochs, repeats, split and label track). Every row names its `arch`.
+epochs, repeats, split and label track; `--arch-repeats N` trains N networks per set on the other networks instead
+of the run's repeats, which keeps a CPU table affordable). Every row names its `arch`, and the cross-architecture
+table says how many networks each column trained per set.
 
 Each cell reports the mean and std over seeds of each seed's mean over evaluation repeats, the many / medium / few
 groups, the settings its runs were made with (read back from their results.json), and for csdm its paired
@@ -83,6 +85,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--at-steps", type=int, nargs="+", default=[], help="also evaluate after these steps")
     p.add_argument("--archs", nargs="+", default=None, choices=ARCHS,
                    help="evaluation networks, each a row (default: the run's own eval.arch only)")
+    p.add_argument("--arch-repeats", type=int, default=None,
+                   help="with --archs: networks trained per set on each network other than the run's own (default: "
+                        "the run's eval.repeats); 1 keeps a cross-architecture table affordable on a CPU")
     p.add_argument("--labels", choices=("hard", "soft"), default="hard",
                    help="label track; soft: every method's set gets soft labels from one teacher per class order and "
                         "IF (python -m csdm_dist.teacher with the teacher.* and dataset.* overrides after --)")
@@ -107,6 +112,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.merge and args.results is None:
         p.error("--merge keeps the rows of the --results JSON: give --results")
+    if args.arch_repeats is not None and (args.arch_repeats < 1 or not args.archs):
+        p.error(f"--arch-repeats {args.arch_repeats}: give a count of 1 or more, with --archs")
     for key in ("orders", "ifs", "ipc", "methods", "seeds", "archs"):  # `--seeds 0 0 1` would count seed 0 twice
         if getattr(args, key) is not None:
             setattr(args, key, list(dict.fromkeys(getattr(args, key))))
@@ -199,7 +206,7 @@ def main(argv=None) -> dict:
                         for arch in args.archs or [own]:
                             log = out / f"{order}-if{imb:g}-ipc{ipc}-{track}-s{seed}-eval-{arch}.log"
                             on_arch = res if arch == own else arch_result(run_dir, res, arch, args.device, log,
-                                                                          t_start, cell)
+                                                                          t_start, cell, args.arch_repeats)
                             seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
                     rows += [cell_row(order, imb, ipc, method, args.labels, arch, s) for arch, s in seeds.items()]
     today = datetime.date.today().isoformat()
@@ -398,16 +405,17 @@ def rerun(steps: list, run_dir: Path, reuse: bool) -> list:
     return [*steps[:-1], ([*cmd, "resume=false", "overwrite=true"], log)]
 
 
-def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_start: float, cell: str) -> dict:
+def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_start: float, cell: str,
+                repeats: int | None = None) -> dict:
     """The run's results.json `res` with its accuracy (and eval timing and settings) from the evaluation of its set
-    on `arch`: the record python -m csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with
-    exactly the run's evaluation settings on `arch` for this very distilled.pt (its sha256: a run distilled further
-    since has another set)."""
+    on `arch` with `repeats` networks (None: the run's own count): the record python -m csdm_dist.evaluate writes
+    beside distilled.pt, made now unless it exists with exactly those evaluation settings for this very
+    distilled.pt (its sha256: a run distilled further since has another set)."""
     from csdm_dist.config import EvalConfig
     from csdm_dist.evaluate import eval_record_name
     from csdm_dist.files import file_sha256
 
-    ev = EvalConfig(**{**res["config"]["eval"], "arch": arch})
+    ev = EvalConfig(**{**res["config"]["eval"], "arch": arch, **({} if repeats is None else {"repeats": repeats})})
     path = run_dir / eval_record_name(ev)
     want = {k: v for k, v in vars(ev).items() if k != "at_steps"}
     have = json.loads(path.read_text()) if path.is_file() else None
@@ -415,9 +423,9 @@ def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_s
             or have.get("distilled_sha256") != file_sha256(run_dir / "distilled.pt")):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: evaluating on {arch} ...", flush=True)
         run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={run_dir / 'distilled.pt'}", f"eval.arch={arch}",
-             f"device={device}"], log)
+             f"eval.repeats={ev.repeats}", f"device={device}"], log)
         have = json.loads(path.read_text())
-    config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch}}
+    config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch, "repeats": ev.repeats}}
     timing = {**res["timing"], "eval_s": have["eval_s"]}
     return {**res, "config": config, "accuracy": have["accuracy"], "timing": timing,
             "accuracy_at_steps": {}}  # the run's curve was measured on its own network, not on this one
@@ -611,8 +619,10 @@ def cross_arch_markdown(rows: list[dict]) -> list[str]:
         part = [r for r in rows if (r["order"], r["ipc"]) == (order, ipc)]
         cell = {(r["imbalance_factor"], r["method"], r["arch"]): r for r in part}
         methods = list(dict.fromkeys(r["method"] for r in part))
-        lines += ["", f"{order} class order, IPC {ipc}:", "", "| IF | method | " + " | ".join(archs) + " |",
-                  "|---|---" + "|---" * len(archs) + "|"]
+        nets = {a: sorted({r["settings"]["eval"]["repeats"] for r in part if r["arch"] == a}) for a in archs}
+        heads = [f"{a} (x{'/'.join(map(str, nets[a]))})" if nets[a] else a for a in archs]
+        lines += ["", f"{order} class order, IPC {ipc}; (xN): networks trained per set:", "",
+                  "| IF | method | " + " | ".join(heads) + " |", "|---|---" + "|---" * len(archs) + "|"]
         ifs = list(dict.fromkeys(r["imbalance_factor"] for r in part))
         for imb in ifs:
             for m in methods:

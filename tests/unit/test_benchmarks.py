@@ -339,8 +339,9 @@ def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_ne
     import quality
 
     def cell(method, arch, means):
+        ev = {**SETTINGS["eval"], "arch": arch, **({"repeats": 1} if arch == "vgg11" else {})}  # --arch-repeats 1
         seeds = [{"seed": k, "mean": m, "std": 0.1, "many": m, "medium": m, "few": m, "distill_s": 1.0,
-                  "eval_s": 1.0, "at_steps": {}, "settings": {**SETTINGS, "eval": {**SETTINGS["eval"], "arch": arch}}}
+                  "eval_s": 1.0, "at_steps": {}, "settings": {**SETTINGS, "eval": ev}}
                  for k, m in enumerate(means)]
         return quality.cell_row("natural", 100.0, 10, method, "soft", arch, seeds)
 
@@ -350,10 +351,61 @@ def test_quality_cross_architecture_table_pairs_csdm_with_each_method_on_each_ne
     args = type("Args", (), {"seeds": [0, 1], "labels": "soft", "split": "test"})
     table = quality.markdown(rows, args, "full", [])
     assert "### natural class order, IPC 10, evaluated on vgg11" in table and "evaluation dm protocol, vgg11" in table
-    assert "| IF | method | convnet | vgg11 |" in table
+    assert "| IF | method | convnet (x3) | vgg11 (x1) |" in table  # networks trained per set, per column
     assert "| 100 | csdm | 82.25 +- 0.35 | 71.25 +- 0.35 |" in table
     assert "- IF 100, convnet: csdm - dm = +1.75 (per seed: 0 +2.00, 1 +1.50; 95 % CI -1.43 to +4.93)" in table
     assert "- IF 100, vgg11: csdm - dm = +0.25 (per seed: 0 +1.00, 1 -0.50; 95 % CI -9.28 to +9.78)" in table
+
+
+def test_quality_arch_result_reuses_a_record_of_these_settings_and_makes_one_otherwise(tmp_path, monkeypatch):
+    """--archs with --arch-repeats 1: the set's record on vgg11 with one network is read back, not made again; a
+    record of other settings (three networks) or of another distilled.pt is made again, with eval.repeats=1."""
+    import time
+    from dataclasses import asdict
+
+    import quality
+    from common import compose
+    from csdm_dist.config import EvalConfig
+    from csdm_dist.evaluate import eval_record_name
+    from csdm_dist.files import file_sha256
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "distilled.pt").write_bytes(b"a set")
+    res = {"config": asdict(compose([])), "accuracy": {"mean": 80.0}, "timing": {"distill_s": 5.0, "eval_s": 6.0}}
+    before = dict(res["config"]["eval"])
+    ev = EvalConfig(**{**res["config"]["eval"], "arch": "vgg11", "repeats": 1})
+    record = run_dir / eval_record_name(ev)
+    assert record.name == "eval-dm-300ep-x1-vgg11.json"
+    made = []
+
+    def fake_run(cmd, log):  # what python -m csdm_dist.evaluate would write
+        made.append(cmd)
+        n = int(next(c for c in cmd if c.startswith("eval.repeats=")).split("=")[1])
+        done = EvalConfig(**{**vars(ev), "repeats": n})
+        (run_dir / eval_record_name(done)).write_text(json.dumps(
+            {"eval": vars(done), "eval_s": 9.0, "accuracy": {"mean": 70.0 + n},
+             "distilled_sha256": file_sha256(run_dir / "distilled.pt")}))
+
+    monkeypatch.setattr(quality, "run", fake_run)
+    out = quality.arch_result(run_dir, res, "vgg11", "cpu", tmp_path / "log", time.perf_counter(), "cell", repeats=1)
+    assert len(made) == 1 and {"eval.arch=vgg11", "eval.repeats=1"} <= set(made[0])
+    assert record.is_file() and out["accuracy"] == {"mean": 71.0}
+    assert out["timing"] == {"distill_s": 5.0, "eval_s": 9.0}
+    assert out["config"]["eval"]["arch"] == "vgg11" and out["config"]["eval"]["repeats"] == 1
+    own = res["config"]["eval"]["repeats"]
+    assert own != 1 and res["config"]["eval"] == before  # the run's own settings untouched
+    assert quality.arch_result(run_dir, res, "vgg11", "cpu", tmp_path / "log", 0.0, "cell", repeats=1) == out
+    assert len(made) == 1  # read back
+    other = quality.arch_result(run_dir, res, "vgg11", "cpu", tmp_path / "log", 0.0, "cell")  # the run's own count
+    assert f"eval.repeats={own}" in made[-1] and len(made) == 2 and other["accuracy"] == {"mean": 70.0 + own}
+    (run_dir / "distilled.pt").write_bytes(b"distilled further")  # another set: its record is made again
+    quality.arch_result(run_dir, res, "vgg11", "cpu", tmp_path / "log", 0.0, "cell", repeats=1)
+    assert len(made) == 3
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--arch-repeats", "1"])  # without --archs
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--archs", "vgg11", "--arch-repeats", "0"])
 
 
 def test_quality_against_another_label_track_pairs_by_seed_and_names_other_differences():
