@@ -138,7 +138,8 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     needs_teacher = cfg.labels.kind == "soft" or (cfg.evaluate and cfg.eval.relabel == "online")
     teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
     chash = config_hash(cfg)
-    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, cfg.distill.iterations, rt.rank, log)
+    steps = 0 if cfg.method.name == "random" else cfg.distill.iterations  # random real images take no step
+    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, steps, rt.rank, log)
     if action == rundir.FINISHED and not cfg.reevaluate:
         return report_finished(cfg, rt, run_dir, state.results)
     if cfg.extractor.mode == "pool":  # a pool of this build and network, checked before the run writes anything

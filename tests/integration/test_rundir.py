@@ -130,6 +130,15 @@ def test_a_finished_run_is_reported_not_redone(data_overrides, tmp_path, capsys)
     assert redone["timing"]["distill_s"] == first["timing"]["distill_s"]  # the distillation time is the run's
     assert redone["timing"]["step_ms_median"] == first["timing"]["step_ms_median"] > 0  # and so is its step time
     assert redone["config"]["eval"]["epochs"] == 1
+    # random real images take no step: their finished run is finished too (it was evaluated again before)
+    baseline = data_overrides + TINY + ["method=random", f"out_dir={tmp_path / 'random'}"]
+    _, first = distil(baseline)
+    before = snapshot(tmp_path / "random")
+    capsys.readouterr()
+    _, again = distil(baseline + ["eval.epochs=1"])
+    text = capsys.readouterr().out
+    assert "finished run (0 steps)" in text and "reevaluate=true" in text and "| random |" in text
+    assert snapshot(tmp_path / "random") == before and again["accuracy"] == first["accuracy"]
 
 
 def test_distillation_time_adds_up_over_resumed_segments(data_overrides, tmp_path):
