@@ -27,7 +27,7 @@ difference to every other method, seed by seed (same seed: same real data, same 
 the seeds both cells have (not the difference of two cells' means, which may be over different seeds), and the
 95 % t interval of that mean over two or more paired seeds (`paired_interval`).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
-invocation would run (else it stops and says which keys differ); a run without results.json (interrupted) resumes
+invocation would run (else it stops and says which keys differ) and that distilled.pt is the set it evaluated; a run without results.json (interrupted) resumes
 from its last checkpoint. Without `--reuse` a cell whose run directory exists is distilled again from scratch, the
 old run moved aside to `<run dir>.old-<time>` (nothing is deleted). The default `--out-dir` is runs/quality-<mode>
 for the mode's own budget, test split and no overrides, else runs/quality-<mode>-<split>-<hash of the settings>.
@@ -440,11 +440,19 @@ def check_reusable(run_dir: Path, overrides: list[str]) -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         want = asdict(to_config(compose(config_name="config", overrides=overrides)))
-    have = json.loads((run_dir / "results.json").read_text()).get("config", {})
-    diff = sorted(differences(want, have))
+    res = json.loads((run_dir / "results.json").read_text())
+    diff = sorted(differences(want, res.get("config", {})))
     if diff:
         raise SystemExit(f"--reuse: {run_dir} was made with another config ({', '.join(diff[:6])}"
                          f"{' ...' if len(diff) > 6 else ''} differ); drop --reuse to rerun it, or pass another "
+                         "--out-dir")
+    from csdm_dist.files import file_sha256
+
+    # results.json names the set it evaluated (runs since 2026-12-07); an interrupted run distilled further since
+    # has left another distilled.pt beside it, which a cross-architecture row would otherwise evaluate
+    if "distilled_sha256" in res and file_sha256(run_dir / "distilled.pt") != res["distilled_sha256"]:
+        raise SystemExit(f"--reuse: {run_dir / 'distilled.pt'} is not the set its results.json evaluated (it was "
+                         "distilled further or replaced since); drop --reuse to rerun the cell, or pass another "
                          "--out-dir")
 
 

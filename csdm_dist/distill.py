@@ -234,7 +234,8 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
                                                             if "accuracy" in results else {})}
         results["timing"]["eval_at_steps_s"] = at_steps.seconds
     results["peak_memory"] = peak_memory_mb(rt.device)
-    if rt.is_main:
+    if rt.is_main:  # the set these results describe (a run distilled further since has another distilled.pt)
+        results["distilled_sha256"] = files.file_sha256(run_dir / "distilled.pt")
         files.write_json(run_dir / "results.json", results)
         print(results_table(results, cfg))
         print(f"\nrun directory: {run_dir}\nTensorBoard:   {tensorboard_command(run_dir)}")

@@ -493,19 +493,23 @@ def test_quality_soft_track_end_to_end(tmp_path):
     again = quality.main(["--reuse", *argv])  # every run and every alexnet record is reused, not made again
     assert again["reused_runs"] == 2 and [p.stat().st_mtime_ns for p in records] == stamps
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in report["rows"]]
-    # a set that changed since its record (distilled further, say): its record is not taken for it
+    # a set that changed since its results (distilled further and interrupted, say): the cell is not reused
     from csdm_dist.files import file_sha256
 
     changed = tmp_path / "out" / "natural" / "if10" / "ipc2" / "csdm-soft" / "seed0" / "distilled.pt"
+    res = json.loads((changed.parent / "results.json").read_text())
+    assert res["distilled_sha256"] == file_sha256(changed)  # results.json names the set it evaluated
     blob = torch.load(changed, weights_only=False)
     torch.save({**blob, "images": blob["images"] + 0.01}, changed)
-    quality.main(["--reuse", *argv])
-    rec = {p.parent.parent.name: p for p in records}
-    assert rec["random-soft"].stat().st_mtime_ns == stamps[records.index(rec["random-soft"])]
-    assert json.loads(rec["csdm-soft"].read_text())["distilled_sha256"] == file_sha256(changed)
+    with pytest.raises(SystemExit, match=r"distilled\.pt is not the set its results\.json evaluated"):
+        quality.main(["--reuse", *argv])
+    assert [p.stat().st_mtime_ns for p in records] == stamps  # no record made for a set its results do not name
     (changed.parent / "results.json").unlink()  # an interrupted run: --reuse resumes it, nothing is deleted
     resumed = quality.main(["--reuse", *argv])
     assert resumed["reused_runs"] == 1 and (changed.parent / "results.json").is_file()
+    rec = {p.parent.parent.name: p for p in records}
+    assert rec["random-soft"].stat().st_mtime_ns == stamps[records.index(rec["random-soft"])]
+    assert json.loads(rec["csdm-soft"].read_text())["distilled_sha256"] == file_sha256(changed)
     assert not list((tmp_path / "out").rglob("*.old-*"))
     for r in report["rows"][::2]:
         assert r["labels"] == "soft" and r["settings"]["labels"]["teacher"] == teacher["path"]
