@@ -476,7 +476,10 @@ def seed_result(seed: int, res: dict) -> dict:
             "confused_with": acc.get("confused_with"),
             "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
             "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
-            "settings": settings_of(cfg, res.get("precision")), "setup": setup_of(cfg)}
+            "settings": settings_of(cfg, res.get("precision")), "setup": setup_of(cfg),
+            # the soft track: the very teacher file that labelled the set (a teacher trained again at the same path
+            # has another); None on the hard track
+            "teacher_sha256": (res.get("soft_labels") or {}).get("teacher_sha256")}
 
 
 # config keys that differ between the seeds of one cell, or between machines, without changing what a seed measures:
@@ -548,6 +551,12 @@ def cell_row(order: str, imb: float, ipc: int, method: str, labels: str, arch: s
     settings = [s["settings"] for s in seeds]
     if any(s != settings[0] for s in settings):
         raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different settings")
+    teachers = sorted({s["teacher_sha256"] for s in seeds if s.get("teacher_sha256")})
+    if len(teachers) > 1:
+        raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds were labelled by different "
+                         f"teacher files (sha256 {', '.join(t[:12] for t in teachers)}): the teacher was trained "
+                         "again between them; rerun the older seeds with this teacher (quality.py without "
+                         "--reuse), or tabulate them in another --results file")
     differ = setup_differences(seeds)
     if differ:
         raise SystemExit(f"{order} IF {imb:g} IPC {ipc} {method} {arch}: its seeds ran with different configs "

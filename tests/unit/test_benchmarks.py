@@ -155,6 +155,12 @@ def test_quality_refuses_a_cell_whose_seeds_ran_under_different_configs():
     for value, ok in ((default, True), (default + 0.5, False)):
         newer = {**cfg, "eval": {**cfg["eval"], "hard_weight": value}}
         assert quality.setup_differences([seed(0, cfg), seed(1, newer)]) == ([] if ok else ["eval.hard_weight"])
+    # the soft track: seeds labelled by two different teacher files (trained again at the same path) do not pool
+    soft = [{**seed(k, cfg), "teacher_sha256": t} for k, t in ((0, "a" * 64), (1, "a" * 64), (2, None))]
+    assert quality.cell_row("natural", 100.0, 10, "csdm", "soft", "convnet", soft)["seeds"] == [0, 1, 2]
+    soft[1]["teacher_sha256"] = "b" * 64
+    with pytest.raises(SystemExit, match=r"labelled by different teacher files \(sha256 aaaaaaaaaaaa, bbbbbbbbbbbb\)"):
+        quality.cell_row("natural", 100.0, 10, "csdm", "soft", "convnet", soft)
 
 
 def test_quality_pairs_the_few_group_by_seed_and_tables_per_class_recall_by_name_or_index():
