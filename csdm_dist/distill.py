@@ -119,11 +119,11 @@ def run(cfg: Config, rt: Runtime, stop: StopSignal | None = None, overrides: lis
 
     Nothing is written to out_dir until the dataset, the memory estimate and the run directory have been checked
     and the run has started (csdm_dist/rundir.py); the log lines until then are kept and written with the rest."""
-    with run_log(Path(cfg.out_dir), rt.rank) as started:
-        return _run(cfg, rt, stop, overrides, started)
+    with run_log(Path(cfg.out_dir), rt.rank) as started, contextlib.ExitStack() as held:  # held: the out_dir lock
+        return _run(cfg, rt, stop, overrides, started, held)
 
 
-def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) -> dict:
+def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started, held: contextlib.ExitStack) -> dict:
     layout = ParallelLayout.from_world(cfg.parallel.replicas, rt.rank, rt.world_size)
     run_dir = Path(cfg.out_dir)
     ddir = dataset_dir(cfg.dataset)
@@ -139,7 +139,7 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started) 
     teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
     chash = config_hash(cfg)
     steps = 0 if cfg.method.name == "random" else cfg.distill.iterations  # random real images take no step
-    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, steps, rt.rank, log)
+    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, steps, rt.rank, log, held)
     if action == rundir.FINISHED and not cfg.reevaluate:
         return report_finished(cfg, rt, run_dir, state.results)
     if cfg.extractor.mode == "pool":  # a pool of this build and network, checked before the run writes anything

@@ -6,13 +6,20 @@ Rules (docs/failures.md):
 - a run of another configuration, or any run under `resume=false`, is refused, unless `overwrite=true`, which
   moves the old run aside to `<out_dir>.old-<time>` (nothing is deleted);
 - nothing is written into the folder before that decision, and the records (run.json, config.yaml,
-  overrides.yaml, the log) only once the run has started, so a refused or failed start leaves the folder as it was.
+  overrides.yaml, the log) only once the run has started, so a refused or failed start leaves the folder as it was;
+- one process at a time: rank 0 holds a lock beside the folder (`.<name>.lock`, an flock) from the decision to
+  the end of the run, so a second process given the same out_dir is refused rather than writing into the same
+  files or moving the live run aside. The OS drops the lock when its process dies; the file goes with the run.
 
 Only rank 0 looks and acts; the others take its decision (one broadcast).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +96,70 @@ def decide(run_dir: Path, state: RunDirState, config_hash: str, resume: bool, ov
     return RESUME
 
 
+def lock_path(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path, log: logging.Logger | None = None):
+    """Hold run_dir's lock (lock_path) while the block runs, or raise RunDirError naming the process that holds it.
+    The file is removed on the way out; a file left by a killed process holds no lock and is taken over. On a file
+    system without flock (Lustre mounted without it, say) the run goes on unguarded, and says so."""
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock(path, run_dir)
+    if fd is None:
+        (log or logging.getLogger(__name__)).warning(
+            "cannot lock %s (the file system has no flock): a second process given out_dir %s would not be refused; "
+            "run one at a time", path, run_dir)
+        yield None
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock(path: Path, run_dir: Path) -> int | None:
+    """An open descriptor of `path` holding its flock; None where the file system has no flock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"out_dir {run_dir} is in use by another process (pid {holder}, which holds {path}); "
+                              "nothing was written. Wait for that run to end (or stop it), or choose another "
+                              "out_dir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                os.close(fd)
+                raise
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its last holder removed the file between our open and our lock: lock the new one
+
+
 def prepare(run_dir: Path, config_hash: str, resume: bool, overwrite: bool, iterations: int, rank: int,
-            log: logging.Logger) -> tuple[str, RunDirState]:
-    """Rank 0 inspects and decides (moving an old run aside under overwrite=true); every rank gets the decision
-    or the same RunDirError. Collective over the default group."""
+            log: logging.Logger, held: contextlib.ExitStack) -> tuple[str, RunDirState]:
+    """Rank 0 takes run_dir's lock (kept in `held` until the caller's run ends), inspects and decides (moving an
+    old run aside under overwrite=true); every rank gets the decision or the same RunDirError. Collective over the
+    default group."""
     payload: list[Any] = [None]
     if rank == 0:
         try:
+            held.enter_context(exclusive(run_dir, log))
             payload[0] = claim(run_dir, config_hash, resume, overwrite, iterations, log)
         except RunDirError as e:
             payload[0] = str(e)

@@ -4,6 +4,7 @@ cannot fit are refused at start-up, and a failed start leaves nothing behind. do
 import hashlib
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -32,6 +33,45 @@ def test_a_refused_run_writes_nothing(data_overrides, tmp_path):
     with pytest.raises(RunDirError, match="another configuration .*nothing was written.*overwrite=true"):
         distil(common + ["method.kernel.bandwidth=2.0"])
     assert snapshot(out) == before
+
+
+def test_an_out_dir_in_use_by_another_process_is_refused(data_overrides, tmp_path):
+    """Two processes given one out_dir (a command started twice, a job submitted again while the first runs): the
+    second is refused, even with overwrite=true, which would move the live run aside under its feet."""
+    from csdm_dist import rundir
+
+    out = tmp_path / "run"
+    common = data_overrides + TINY + ["distill.iterations=2", "evaluate=false", f"out_dir={out}"]
+    distil(common)
+    before = snapshot(out)
+    lock = rundir.lock_path(out)
+    assert not lock.exists()  # the finished run took its lock file with it
+    with rundir.exclusive(out):  # what a live run holds (flock: per open file, so it refuses this process too)
+        assert lock.read_text() == f"{os.getpid()}\n"
+        for extra in ([], ["distill.iterations=3"], ["resume=false", "overwrite=true"]):
+            with pytest.raises(RunDirError, match=rf"out_dir {out} is in use by another process \(pid "
+                                                   rf"{os.getpid()}, .*nothing was written.*another out_dir"):
+                distil(common + extra)
+        assert snapshot(out) == before and not list(tmp_path.glob("run.old-*"))
+    lock.write_text("12345\n")  # left by a killed process: no one holds it, so it does not block
+    _, res = distil(common + ["distill.iterations=3"])
+    assert res["timing"]["steps"] == 3 and not lock.exists()
+
+
+def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    from csdm_dist import rundir
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING), rundir.exclusive(tmp_path / "run") as held:
+        assert held is None
+    assert "cannot lock" in caplog.text and "would not be refused" in caplog.text
+    assert not rundir.lock_path(tmp_path / "run").exists()
 
 
 def test_starting_afresh_moves_the_old_run_aside(data_overrides, tmp_path):
