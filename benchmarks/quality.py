@@ -477,6 +477,7 @@ def seed_result(seed: int, res: dict) -> dict:
             "distill_s": res["timing"]["distill_s"], "eval_s": res["timing"]["eval_s"],
             "at_steps": {k: v["mean"] for k, v in res.get("accuracy_at_steps", {}).items()},
             "settings": settings_of(cfg, res.get("precision")), "setup": setup_of(cfg),
+            "git_commit": res.get("git_commit"),  # the code that made the seed (kept for the record; not compared)
             # the soft track: the very teacher file that labelled the set (a teacher trained again at the same path
             # has another); None on the hard track
             "teacher_sha256": (res.get("soft_labels") or {}).get("teacher_sha256")}

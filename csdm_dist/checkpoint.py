@@ -68,11 +68,14 @@ def latest(root: Path) -> Optional[int]:
     return steps[-1] if steps else None
 
 
-def check_meta(root: Path, step: int, expect: dict[str, Any]) -> None:
-    """Refuse to resume from a checkpoint whose run metadata differs (`expect`: key -> value)."""
+def check_meta(root: Path, step: int, expect: dict[str, Any], recorded_later: tuple[str, ...] = ()) -> None:
+    """Refuse to resume from a checkpoint whose run metadata differs (`expect`: key -> value). A key of
+    `recorded_later` that the checkpoint lacks (written before the key was recorded) is not checked."""
     path = step_dir(root, step)
     meta = _meta(path)
     for key, want in expect.items():
+        if key in recorded_later and key not in meta:
+            continue
         if meta.get(key) != want:
             raise RunDirError(f"checkpoint {path} has {key}={meta.get(key)!r} but this run has {want!r}; resume "
                               f"with the same settings, or move the old run aside with overwrite=true, or use "

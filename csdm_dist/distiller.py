@@ -261,7 +261,11 @@ class Distiller:
             self.logger.image(f"synthetic/class_{c:03d}", make_grid(imgs[c * ipc:(c + 1) * ipc], nrow=ipc), step)
 
     def meta(self) -> dict:
-        return {"config_hash": config_hash(self.cfg), "world_size": self.rt.world_size}
+        """What a checkpoint must share with the run that resumes it, beyond the config: the world size (the
+        layout) and the precision `precision=auto` resolved to on this machine (a requeued job on another kind of
+        node would otherwise go on in another precision)."""
+        return {"config_hash": config_hash(self.cfg), "world_size": self.rt.world_size,
+                "precision": self.extractor.precision}
 
     def save(self) -> None:
         state = {"step": self.step, "ids": self.syn.ids.cpu().tolist(), "elapsed_s": self.elapsed_s,
@@ -274,7 +278,7 @@ class Distiller:
         step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
         if step is None:
             return
-        checkpoint.check_meta(self.ckpt_root, step, self.meta())
+        checkpoint.check_meta(self.ckpt_root, step, self.meta(), recorded_later=("precision",))  # since 2026-12-07
         state = load_engine(self.engine, self.ckpt_root, checkpoint.tag(step))
         if state["ids"] != self.syn.ids.cpu().tolist():
             raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")

@@ -54,6 +54,29 @@ def test_resume_refuses_a_changed_config(data_overrides, tmp_path):
         distil(common + ["method.kernel.bandwidth=2.0", "distill.iterations=3"])
 
 
+def test_resume_refuses_a_checkpoint_made_in_another_precision(data_overrides, tmp_path, monkeypatch):
+    """precision=auto is one config on every machine, but resolves per machine: a run resumed where it resolves
+    otherwise (a requeued job on another kind of node) is refused instead of mixing precisions."""
+    from csdm_dist import extractors
+
+    common = data_overrides + TINY + ["evaluate=false", "distill.checkpoint_every=1", "precision=auto",
+                                      f"out_dir={tmp_path}"]
+    _, res = distil(common + ["distill.iterations=1"])
+    made = res["precision"]
+    other = {"bf16": "fp32", "fp32": "bf16"}[made]
+    monkeypatch.setattr(extractors, "resolve_precision", lambda precision, device: other)
+    with pytest.raises(ValueError, match=rf"checkpoint .* has precision='{made}' but this run has '{other}'"):
+        distil(common + ["distill.iterations=2"])
+    monkeypatch.undo()
+    from csdm_dist import checkpoint
+
+    meta = checkpoint.step_dir(tmp_path / "checkpoints", 1) / "meta.json"
+    old = {k: v for k, v in json.loads(meta.read_text()).items() if k != "precision"}
+    meta.write_text(json.dumps(old))  # a checkpoint from before the precision was recorded: not checked
+    _, res = distil(common + ["distill.iterations=2"])  # where it resolves as before, it resumes
+    assert res["timing"]["steps"] == 2 and res["precision"] == made
+
+
 @pytest.mark.parametrize("method", ["dm", "ncfm", "random"])
 def test_baseline_methods_run(data_overrides, tmp_path, method):
     cfg, res = distil(data_overrides + TINY + [f"method={method}", "distill.iterations=2", "eval.repeats=1",
