@@ -265,7 +265,12 @@ def stored_soft_targets(s: DecodedSet) -> tuple[Tensor, float]:
 RECORD_TAGS = (("batch_size", lambda v: f"bs{v}"), ("augment", lambda v: "aug" if v else "noaug"),
                ("test_points", lambda v: f"tp{v}"), ("split", str), ("arch", str),
                ("labels", lambda v: "soft" if v == "soft" else ""), ("relabel", str),
-               ("hard_weight", lambda v: f"hw{v:g}"))
+               ("hard_weight", lambda v: f"hw{short_float(v)}"))
+
+
+def short_float(v: float) -> str:
+    """`v:g` (6 significant digits, "0.5"), or every digit where six would name two weights alike."""
+    return f"{v:g}" if float(f"{v:g}") == v else repr(float(v))
 
 
 def eval_record_name(ev: EvalConfig) -> str:

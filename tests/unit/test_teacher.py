@@ -238,3 +238,7 @@ def test_evaluation_record_names_the_track_and_its_class_weight():
     names = {eval_record_name(EvalConfig(labels="hard", **kw)) for kw in
              ({}, {"repeats": 1}, {"repeats": 3}, {"batch_size": 64}, {"augment": False}, {"test_points": 5})}
     assert len(names) == 6 and "eval-dm-300ep-x2-bs64.json" in names and "eval-dm-300ep-x2-noaug.json" in names
+    # weights that six significant digits would name alike get every digit; the short names stay as they were
+    close = [eval_record_name(EvalConfig(labels="soft", hard_weight=w)) for w in (0.1234561, 0.1234564, 1.0)]
+    assert close == ["eval-dm-300ep-x2-soft-hw0.1234561.json", "eval-dm-300ep-x2-soft-hw0.1234564.json",
+                     "eval-dm-300ep-x2-soft-hw1.json"]
