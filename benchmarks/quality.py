@@ -27,8 +27,8 @@ difference to every other method, seed by seed (same seed: same real data, same 
 the seeds both cells have (not the difference of two cells' means, which may be over different seeds), and the
 95 % t interval of that mean over two or more paired seeds (`paired_interval`).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
-invocation would run (else it stops and says which keys differ) and that distilled.pt is the set it evaluated; a run without results.json (interrupted) resumes
-from its last checkpoint. Without `--reuse` a cell whose run directory exists is distilled again from scratch, the
+invocation would run (else it stops and says which keys differ) and that distilled.pt is the set it evaluated;
+a run without results.json (interrupted) resumes from its last checkpoint. Without `--reuse` a cell whose run directory exists is distilled again from scratch, the
 old run moved aside to `<run dir>.old-<time>` (nothing is deleted). The default `--out-dir` is runs/quality-<mode>
 for the mode's own budget, test split and no overrides, else runs/quality-<mode>-<split>-<hash of the settings>.
 `--results` refuses an existing file unless `--merge` is given (a table is never replaced by a smaller one); the

@@ -492,6 +492,11 @@ class Config:
             self.out_dir = default_out_dir(self)
 
 
+def run_steps(cfg: Config) -> int:
+    """The steps a finished run of cfg has taken: distill.iterations, or 0 for method=random (real images)."""
+    return 0 if cfg.method.name == "random" else cfg.distill.iterations
+
+
 def run_name(cfg: Config) -> str:
     """The run's folder name: what a user sweeps (method, IPC, imbalance factor, seed, and the rest only when it
     differs from the default), so two such runs never share a folder. launch/submit.py uses the same rule."""

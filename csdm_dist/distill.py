@@ -23,7 +23,7 @@ from torchvision.utils import save_image
 
 from . import checkpoint, files, formation, rng, rundir
 from .cluster import multirun_flag_first
-from .config import Config, ConfigError, register_configs, to_config
+from .config import Config, ConfigError, register_configs, run_steps, to_config
 from .errors import EXIT_STOPPED, Interrupted, one_line_errors, read_json_record
 from .data.features import (FeatureData, check_provenance, features_dir, load_features_manifest, provenance,
                             read_features)
@@ -138,8 +138,7 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started, 
     needs_teacher = cfg.labels.kind == "soft" or (cfg.evaluate and cfg.eval.relabel == "online")
     teacher = load_teacher(cfg, manifest, rt.device) if needs_teacher else None
     chash = config_hash(cfg)
-    steps = 0 if cfg.method.name == "random" else cfg.distill.iterations  # random real images take no step
-    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, steps, rt.rank, log, held)
+    action, state = rundir.prepare(run_dir, chash, cfg.resume, cfg.overwrite, run_steps(cfg), rt.rank, log, held)
     if action == rundir.FINISHED and not cfg.reevaluate:
         return report_finished(cfg, rt, run_dir, state.results)
     if cfg.extractor.mode == "pool":  # a pool of this build and network, checked before the run writes anything

@@ -112,7 +112,8 @@ def read_pt(path: Path) -> tuple[dict, str]:
     try:
         blob, sha256 = load_torch(path, weights_only=False)
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); it is damaged or not a distilled.pt") from e
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): it is unreadable, damaged or not a "
+                        "distilled.pt") from e
     missing = [k for k in ("images", "labels", "mean", "std", "config") if not isinstance(blob, dict) or k not in blob]
     if missing:
         raise UserError(f"{path} is not a distilled set written by csdm_dist.distill: it lacks {missing}")

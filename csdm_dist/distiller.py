@@ -100,6 +100,7 @@ class Distiller:
         self.segment_steps = 0  # steps taken by this process (0: a finished run resumed to be evaluated again)
         self.elapsed_s = 0.0  # distillation wall time over every segment of the run (kept in the checkpoints)
         self.ckpt_root = run_dir / "checkpoints"
+        self.check_resumable()  # before the run writes its records: a refused resume leaves the folder as it was
 
     # ---- one step ------------------------------------------------------------------------------------------
     def real_batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,11 +275,17 @@ class Distiller:
                         lambda path: save_engine(self.engine, self.ckpt_root, path.name, state),
                         self.meta(), self.cfg.distill.keep_checkpoints)
 
+    def check_resumable(self) -> None:
+        """Refuse (RunDirError) a newest checkpoint made with another world size or precision."""
+        step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
+        if step is not None:
+            checkpoint.check_meta(self.ckpt_root, step, self.meta(), recorded_later=("precision",))  # since 2026-12-07
+
     def maybe_resume(self) -> None:
         step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
         if step is None:
             return
-        checkpoint.check_meta(self.ckpt_root, step, self.meta(), recorded_later=("precision",))  # since 2026-12-07
+        checkpoint.check_meta(self.ckpt_root, step, self.meta(), recorded_later=("precision",))
         state = load_engine(self.engine, self.ckpt_root, checkpoint.tag(step))
         if state["ids"] != self.syn.ids.cpu().tolist():
             raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,25 +103,55 @@ def lock_path(run_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path, log: logging.Logger | None = None):
-    """Hold run_dir's lock (lock_path) while the block runs, or raise RunDirError naming the process that holds it.
-    The file is removed on the way out; a file left by a killed process holds no lock and is taken over. On a file
-    system without flock (Lustre mounted without it, say) the run goes on unguarded, and says so."""
+    """Hold run_dir's lock (lock_path) while the block runs, or raise RunDirError naming the process that holds it
+    (or why the lock cannot be taken). The file is removed on the way out, and so are the folders above run_dir
+    that this made when the run never started; a file left by a killed process holds no lock and is taken over.
+    On a file system without flock (Lustre mounted without it, say) the run goes on unguarded, and says so."""
     path = lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock(path, run_dir)
-    if fd is None:
-        (log or logging.getLogger(__name__)).warning(
-            "cannot lock %s (the file system has no flock): a second process given out_dir %s would not be refused; "
-            "run one at a time", path, run_dir)
-        yield None
-        return
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]  # deepest first
+    fd = None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _lock(path, run_dir)
+        if fd is None:
+            (log or logging.getLogger(__name__)).warning(
+                "cannot lock %s (the file system has no flock): a second process given out_dir %s would not be "
+                "refused; run one at a time", path, run_dir)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except (OSError, RunDirError) as e:
+        _release(path, fd, run_dir, made)
+        if isinstance(e, RunDirError):
+            raise
+        raise RunDirError(f"cannot take the lock {path} of out_dir {run_dir} ({type(e).__name__}: {e}); the folder "
+                          "that holds out_dir must be writable and have space: fix that, or choose another "
+                          "out_dir") from e
+    try:
+        yield path if fd is not None else None
     finally:
-        path.unlink(missing_ok=True)
+        _release(path, fd, run_dir, made)
+
+
+def _release(path: Path, fd: int | None, run_dir: Path, made: list[Path]) -> None:
+    if fd is not None:
+        if _holds(path, fd):  # never another process's file
+            path.unlink(missing_ok=True)
         os.close(fd)
+    if not run_dir.exists():
+        for d in made:  # a start that went no further leaves no folders behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _holds(path: Path, fd: int) -> bool:
+    """Whether `path` is still the file open at `fd` (not removed, nor replaced by another's)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _lock(path: Path, run_dir: Path) -> int | None:
@@ -130,23 +161,18 @@ def _lock(path: Path, run_dir: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunDirError(f"out_dir {run_dir} is in use by another process (pid {holder}, which holds {path}); "
                               "nothing was written. Wait for that run to end (or stop it), or choose another "
-                              "out_dir") from None
+                              f"out_dir. If that process is gone (its node failed, and a network file system kept "
+                              f"its lock), delete {path}") from None
         except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                os.close(fd)
-                raise
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            return None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+            os.close(fd)  # the file stays: a process on a mount with flock may hold it
+            if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                return None
+            raise
+        if _holds(path, fd):
             return fd
         os.close(fd)  # its last holder removed the file between our open and our lock: lock the new one
 

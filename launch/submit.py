@@ -39,7 +39,7 @@ from submitit.core.job_environment import SignalHandler
 from csdm_dist import files
 from csdm_dist.cluster import (ClusterConfig, multirun_flag_first, register_cluster_configs, split_submit_config,
                                to_cluster_config)
-from csdm_dist.config import Config, ConfigError, register_configs
+from csdm_dist.config import Config, ConfigError, register_configs, run_steps
 from csdm_dist.preempt import StopSignal
 
 log = logging.getLogger("csdm_dist.submit")
@@ -294,7 +294,7 @@ def claim_run_dir(cfg: Config, job: dict[str, Any], logger: logging.Logger) -> N
     from csdm_dist import rundir
     from csdm_dist.runinfo import config_hash
 
-    rundir.claim(Path(cfg.out_dir), config_hash(cfg), cfg.resume, cfg.overwrite, cfg.distill.iterations, logger)
+    rundir.claim(Path(cfg.out_dir), config_hash(cfg), cfg.resume, cfg.overwrite, run_steps(cfg), logger)
     job["overwrite"], job["resume"] = False, True
 
 
@@ -331,15 +331,19 @@ def submit(dcfg: DictConfig, dataset_choice: str | None = None) -> submitit.Job 
     job_name = cluster.job_name or f"csdm-{run_dir.parent.name}-{run_dir.name}"
     print(f"run directory: {run_dir}\n{cluster.name}: {cluster.nodes} node(s) x {cluster.gpus_per_node} task(s)")
     print(memory_table(cfg, cluster), flush=True)
-    executor = make_executor(cluster, run_dir / "submitit", job_name)
     if cluster.dry_run:
+        executor = make_executor(cluster, run_dir / "submitit", job_name)
         text = sbatch_script(executor) if cluster.name == "slurm" else \
             f"(cluster={cluster.name}: submitit runs {cluster.gpus_per_node} task(s) on this machine)"
         print(f"\n--- dry run: nothing submitted; the sbatch script would be ---\n{text}" if cluster.name == "slurm"
               else f"\n--- dry run: nothing submitted {text} ---")
         return text
-    claim_run_dir(cfg, job, log)
-    write_run_record(run_dir, dcfg, job, cluster)
+    from csdm_dist import rundir
+
+    with rundir.exclusive(run_dir, log):  # a job of this out_dir still running refuses the submission
+        claim_run_dir(cfg, job, log)  # before anything is written into run_dir (submitit's folder included)
+        write_run_record(run_dir, dcfg, job, cluster)
+    executor = make_executor(cluster, run_dir / "submitit", job_name)
     submitted = executor.submit(DistillJob(job, asdict(cluster)))
     print(f"submitted job {submitted.job_id}\n  logs:        {submitted.paths.stdout} (task 0; %t = task)"
           f"\n  TensorBoard: tensorboard --logdir {Path(cluster.output_root).absolute()}", flush=True)

@@ -65,8 +65,10 @@ def test_resume_refuses_a_checkpoint_made_in_another_precision(data_overrides, t
     made = res["precision"]
     other = {"bf16": "fp32", "fp32": "bf16"}[made]
     monkeypatch.setattr(extractors, "resolve_precision", lambda precision, device: other)
+    before = {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()}
     with pytest.raises(ValueError, match=rf"checkpoint .* has precision='{made}' but this run has '{other}'"):
         distil(common + ["distill.iterations=2"])
+    assert {q: q.read_bytes() for q in tmp_path.rglob("*") if q.is_file()} == before  # refused before writing
     monkeypatch.undo()
     from csdm_dist import checkpoint
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import statistics
 from pathlib import Path
 
@@ -47,10 +48,11 @@ def test_an_out_dir_in_use_by_another_process_is_refused(data_overrides, tmp_pat
     lock = rundir.lock_path(out)
     assert not lock.exists()  # the finished run took its lock file with it
     with rundir.exclusive(out):  # what a live run holds (flock: per open file, so it refuses this process too)
-        assert lock.read_text() == f"{os.getpid()}\n"
+        me = f"{os.getpid()} on {socket.gethostname()}"
+        assert lock.read_text() == f"{me}\n"
         for extra in ([], ["distill.iterations=3"], ["resume=false", "overwrite=true"]):
-            with pytest.raises(RunDirError, match=rf"out_dir {out} is in use by another process \(pid "
-                                                   rf"{os.getpid()}, .*nothing was written.*another out_dir"):
+            with pytest.raises(RunDirError, match=rf"out_dir {out} is in use by another process \(pid {me}, "
+                                                   rf".*nothing was written.*another out_dir.*delete {lock}"):
                 distil(common + extra)
         assert snapshot(out) == before and not list(tmp_path.glob("run.old-*"))
     lock.write_text("12345\n")  # left by a killed process: no one holds it, so it does not block
@@ -71,7 +73,24 @@ def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkey
     with caplog.at_level(logging.WARNING), rundir.exclusive(tmp_path / "run") as held:
         assert held is None
     assert "cannot lock" in caplog.text and "would not be refused" in caplog.text
-    assert not rundir.lock_path(tmp_path / "run").exists()
+
+
+def test_a_lock_that_cannot_be_taken_is_a_refusal_and_leaves_no_folders(tmp_path, monkeypatch):
+    from csdm_dist import rundir
+
+    deep = tmp_path / "a" / "b" / "run"
+    with rundir.exclusive(deep) as held:
+        assert held == rundir.lock_path(deep) and held.is_file()
+    assert not (tmp_path / "a").exists()  # the run never started: the folders made for the lock go too
+
+    def unwritable(path, run_dir):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir, "_lock", unwritable)  # an out_dir whose parent this user cannot write
+    with pytest.raises(RunDirError, match=r"cannot take the lock .*PermissionError.*must be writable"):
+        with rundir.exclusive(deep):
+            pass
+    assert not (tmp_path / "a").exists()
 
 
 def test_starting_afresh_moves_the_old_run_aside(data_overrides, tmp_path):

@@ -112,6 +112,23 @@ def test_missing_data_is_refused_before_submitting(tmp_path, tiny_dataset):
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_out_dir_in_use_refuses_the_submission(tmp_path, tiny_dataset):
+    """A job of this out_dir still running (it holds the out_dir's lock): submitting again, even with
+    overwrite=true, is refused before the live run is moved aside or any record is rewritten."""
+    from csdm_dist import rundir
+    from csdm_dist.errors import RunDirError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config_hash": "live", "status": "running"}))
+    with rundir.exclusive(run):
+        for extra in ([], ["overwrite=true"]):
+            with pytest.raises(RunDirError, match=rf"out_dir {run} is in use by another process"):
+                submit(compose_submit(["cluster=local", f"out_dir={run}", *tiny_dataset, *TINY, *extra]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # not moved aside, and the lock file went
+    assert [p.name for p in run.iterdir()] == ["run.json"]  # nothing written into it
+
+
 def test_submit_config_matches_the_main_config():
     """configs/submit.yaml mirrors configs/config.yaml's defaults: the same distillation config but for out_dir."""
     for over in ([], ["dataset=cifar10_lt", "method=dm", "deepspeed=zero2_bf16", "ipc=50"]):
