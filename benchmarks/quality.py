@@ -28,9 +28,10 @@ the seeds both cells have (not the difference of two cells' means, which may be 
 95 % t interval of that mean over two or more paired seeds (`paired_interval`).
 `--reuse` keeps a run whose results.json exists, after checking that it was made with exactly the config this
 invocation would run (else it stops and says which keys differ) and that distilled.pt is the set it evaluated;
-a run without results.json (interrupted) resumes from its last checkpoint. Without `--reuse` a cell whose run directory exists is distilled again from scratch, the
-old run moved aside to `<run dir>.old-<time>` (nothing is deleted). The default `--out-dir` is runs/quality-<mode>
-for the mode's own budget, test split and no overrides, else runs/quality-<mode>-<split>-<hash of the settings>.
+a run without results.json (interrupted) resumes from its last checkpoint. Without `--reuse` a cell whose run
+directory exists is distilled again from scratch, the old run moved aside to `<run dir>.old-<time>` (nothing is
+deleted). The default `--out-dir` is runs/quality-<mode> for the mode's own budget, test split and no overrides,
+else runs/quality-<mode>-<split>-<hash of the settings>.
 `--results` refuses an existing file unless `--merge` is given (a table is never replaced by a smaller one); the
 out dir's quality.json holds this invocation's cells alone, written before any merge. `--merge` combines this
 invocation's cells with those already in `--results`, seed by seed: a table built over sessions whose run
@@ -420,7 +421,8 @@ def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_s
     want = {k: v for k, v in vars(ev).items() if k != "at_steps"}
     have = json.loads(path.read_text()) if path.is_file() else None
     if (have is None or {k: have["eval"].get(k) for k in want} != want or "eval_s" not in have
-            or have.get("distilled_sha256") != file_sha256(run_dir / "distilled.pt")):
+            # the set's hash as results.json records it (checked against the file by check_reusable), else read
+            or have.get("distilled_sha256") != (res.get("distilled_sha256") or file_sha256(run_dir / "distilled.pt"))):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: evaluating on {arch} ...", flush=True)
         run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={run_dir / 'distilled.pt'}", f"eval.arch={arch}",
              f"eval.repeats={ev.repeats}", f"device={device}"], log)

@@ -275,17 +275,18 @@ class Distiller:
                         lambda path: save_engine(self.engine, self.ckpt_root, path.name, state),
                         self.meta(), self.cfg.distill.keep_checkpoints)
 
-    def check_resumable(self) -> None:
-        """Refuse (RunDirError) a newest checkpoint made with another world size or precision."""
+    def check_resumable(self) -> int | None:
+        """The newest checkpoint's step to resume from (None: start afresh); RunDirError when it was made with
+        another world size or precision."""
         step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
         if step is not None:
             checkpoint.check_meta(self.ckpt_root, step, self.meta(), recorded_later=("precision",))  # since 2026-12-07
+        return step
 
     def maybe_resume(self) -> None:
-        step = checkpoint.latest(self.ckpt_root) if self.cfg.resume else None
+        step = self.check_resumable()
         if step is None:
             return
-        checkpoint.check_meta(self.ckpt_root, step, self.meta(), recorded_later=("precision",))
         state = load_engine(self.engine, self.ckpt_root, checkpoint.tag(step))
         if state["ids"] != self.syn.ids.cpu().tolist():
             raise ValueError(f"checkpoint step {step} holds other synthetic ids than this rank's; the layout changed")
