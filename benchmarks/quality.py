@@ -72,6 +72,9 @@ POOL = {"quick": ["extractor.pool_size=1", "extractor.pool_epochs=2"],  # csdm-f
 RUN_ONLY = {"out_dir", "device", "resume", "overwrite", "reevaluate", "force_memory"}
 
 
+LABELS = ("hard", "soft", "soft-online")  # --labels: the label tracks (soft-online: relabel the hard sets)
+
+
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized settings (%s)" % MODES["quick"])
@@ -89,10 +92,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--arch-repeats", type=int, default=None,
                    help="with --archs: networks trained per set on each network other than the run's own (default: "
                         "the run's eval.repeats); 1 keeps a cross-architecture table affordable on a CPU")
-    p.add_argument("--labels", choices=("hard", "soft"), default="hard",
+    p.add_argument("--labels", choices=LABELS, default="hard",
                    help="label track; soft: every method's set gets soft labels from one teacher per class order and "
-                        "IF (python -m csdm_dist.teacher with the teacher.* and dataset.* overrides after --)")
-    p.add_argument("--teacher-seed", type=int, default=0, help="--labels soft: the teacher's seed")
+                        "IF (python -m csdm_dist.teacher with the teacher.* and dataset.* overrides after --), stored "
+                        "at the end of its distillation; soft-online: the hard track's sets (its run directories, "
+                        "distilled once) evaluated with that teacher's labels of every augmented batch "
+                        "(eval.labels=soft eval.relabel=online), so each soft row pairs with the hard row of the "
+                        "very same images")
+    p.add_argument("--teacher-seed", type=int, default=0, help="--labels soft / soft-online: the teacher's seed")
     p.add_argument("--against", type=Path, default=None,
                    help="the results JSON of the other label track (e.g. --labels soft --against the hard table): "
                         "each row's difference to the same cell there, paired by seed")
@@ -176,21 +183,22 @@ def main(argv=None) -> dict:
         for imb in args.ifs:
             run([sys.executable, "-m", "data_prep.build", *data, f"dataset.imbalance_factor={imb:g}",
                  *[o for o in extra if o.startswith("dataset.")]], out / f"build-{order}-if{imb:g}.log")
-            soft = []
-            if args.labels == "soft":  # one teacher for every method and seed of this order and IF
+            soft, teacher = [], None
+            if args.labels != "hard":  # one teacher for every method and seed of this order and IF
                 path = teacher_file(args, order, imb, extra)
                 if not path.is_file():
                     print(f"[{time.perf_counter() - t_start:6.0f} s] {order} IF {imb:g}: training the teacher ...",
                           flush=True)
                     run(teacher_command(data, imb, args, path, extra), out / f"teacher-{order}-if{imb:g}.log")
-                teachers[f"{order} IF {imb:g}"] = teacher_record(path)
-                soft = ["labels.kind=soft", f"labels.teacher={path}"]
+                teachers[f"{order} IF {imb:g}"] = teacher = teacher_record(path)
+                if args.labels == "soft":  # stored at the end of every distillation
+                    soft = ["labels.kind=soft", f"labels.teacher={path}"]
             for ipc in args.ipc:
                 for method in args.methods:
                     seeds: dict[str, list[dict]] = {}  # arch -> one result per seed
                     for seed in args.seeds:
                         cell = f"{order} IF {imb:g} IPC {ipc} {method} seed {seed}"
-                        track = method if args.labels == "hard" else f"{method}-{args.labels}"
+                        track = f"{method}-soft" if args.labels == "soft" else method  # soft-online: the hard sets
                         run_dir = out / order / f"if{imb:g}" / f"ipc{ipc}" / track / f"seed{seed}"
                         steps, distil = commands(data, order, imb, ipc, method, seed, args, mode, run_dir,
                                                  settings + extra + soft, out)
@@ -204,12 +212,16 @@ def main(argv=None) -> dict:
                                 run(cmd, log)
                         res = json.loads((run_dir / "results.json").read_text())
                         own = res["config"]["eval"]["arch"]
+                        online = args.labels == "soft-online"
                         for arch in args.archs or [own]:
-                            log = out / f"{order}-if{imb:g}-ipc{ipc}-{track}-s{seed}-eval-{arch}.log"
-                            on_arch = res if arch == own else arch_result(run_dir, res, arch, args.device, log,
-                                                                          t_start, cell, args.arch_repeats)
+                            log = out / (f"{order}-if{imb:g}-ipc{ipc}-{track}-s{seed}-eval-{arch}"
+                                         f"{'-soft-online' if online else ''}.log")
+                            on_arch = res if arch == own and not online else arch_result(
+                                run_dir, res, arch, args.device, log, t_start, cell,
+                                args.arch_repeats if arch != own else None, teacher if online else None)
                             seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
-                    rows += [cell_row(order, imb, ipc, method, args.labels, arch, s) for arch, s in seeds.items()]
+                    rows += [cell_row(order, imb, ipc, method, "hard" if args.labels == "hard" else "soft", arch, s)
+                             for arch, s in seeds.items()]
     today = datetime.date.today().isoformat()
     for r in rows:
         r["date"] = today
@@ -407,30 +419,40 @@ def rerun(steps: list, run_dir: Path, reuse: bool) -> list:
 
 
 def arch_result(run_dir: Path, res: dict, arch: str, device: str, log: Path, t_start: float, cell: str,
-                repeats: int | None = None) -> dict:
+                repeats: int | None = None, teacher: dict | None = None) -> dict:
     """The run's results.json `res` with its accuracy (and eval timing and settings) from the evaluation of its set
-    on `arch` with `repeats` networks (None: the run's own count): the record python -m csdm_dist.evaluate writes
-    beside distilled.pt, made now unless it exists with exactly those evaluation settings for this very
-    distilled.pt (its sha256: a run distilled further since has another set)."""
+    on `arch` with `repeats` networks (None: the run's own count) and, given a `teacher` (teacher_record), on the
+    soft track with that teacher labelling every batch (eval.relabel=online): the record python -m
+    csdm_dist.evaluate writes beside distilled.pt, made now unless it exists with exactly those evaluation settings
+    for this very distilled.pt (its sha256: a run distilled further since has another set) and teacher file."""
     from csdm_dist.config import EvalConfig
     from csdm_dist.evaluate import eval_record_name
     from csdm_dist.files import file_sha256
 
-    ev = EvalConfig(**{**res["config"]["eval"], "arch": arch, **({} if repeats is None else {"repeats": repeats})})
+    track = {} if teacher is None else {"labels": "soft", "relabel": "online"}
+    ev = EvalConfig(**{**res["config"]["eval"], "arch": arch, **({} if repeats is None else {"repeats": repeats}),
+                       **track})
     path = run_dir / eval_record_name(ev)
     want = {k: v for k, v in vars(ev).items() if k != "at_steps"}
     have = json.loads(path.read_text()) if path.is_file() else None
     if (have is None or {k: have["eval"].get(k) for k in want} != want or "eval_s" not in have
             # the set's hash as results.json records it (checked against the file by check_reusable), else read
-            or have.get("distilled_sha256") != (res.get("distilled_sha256") or file_sha256(run_dir / "distilled.pt"))):
-        print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: evaluating on {arch} ...", flush=True)
+            or have.get("distilled_sha256") != (res.get("distilled_sha256") or file_sha256(run_dir / "distilled.pt"))
+            or (teacher is not None and (have.get("teacher") or {}).get("sha256") != teacher["sha256"])):
+        where = arch + (" with online teacher labels" if teacher else "")
+        print(f"[{time.perf_counter() - t_start:6.0f} s] {cell}: evaluating on {where} ...", flush=True)
         run([sys.executable, "-m", "csdm_dist.evaluate", f"distilled={run_dir / 'distilled.pt'}", f"eval.arch={arch}",
-             f"eval.repeats={ev.repeats}", f"device={device}"], log)
+             f"eval.repeats={ev.repeats}", f"device={device}",
+             *([] if teacher is None else ["eval.labels=soft", "eval.relabel=online", f"teacher={teacher['path']}"])],
+            log)
         have = json.loads(path.read_text())
-    config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch, "repeats": ev.repeats}}
+    config = {**res["config"], "eval": {**res["config"]["eval"], "arch": arch, "repeats": ev.repeats, **track}}
+    if teacher is not None:
+        config["labels"] = {**config["labels"], "teacher": teacher["path"]}
     timing = {**res["timing"], "eval_s": have["eval_s"]}
     return {**res, "config": config, "accuracy": have["accuracy"], "timing": timing,
-            "accuracy_at_steps": {}}  # the run's curve was measured on its own network, not on this one
+            "accuracy_at_steps": {},  # the run's curve was measured on its own network and track, not on this one
+            **({} if teacher is None else {"teacher_sha256": teacher["sha256"]})}
 
 
 def check_reusable(run_dir: Path, overrides: list[str]) -> None:
@@ -482,7 +504,8 @@ def seed_result(seed: int, res: dict) -> dict:
             "git_commit": res.get("git_commit"),  # the code that made the seed (kept for the record; not compared)
             # the soft track: the very teacher file that labelled the set (a teacher trained again at the same path
             # has another); None on the hard track
-            "teacher_sha256": (res.get("soft_labels") or {}).get("teacher_sha256")}
+            # (stored soft labels: results.json's soft_labels; online labels of a hard set: arch_result's)
+            "teacher_sha256": res.get("teacher_sha256") or (res.get("soft_labels") or {}).get("teacher_sha256")}
 
 
 # config keys that differ between the seeds of one cell, or between machines, without changing what a seed measures:
@@ -591,7 +614,9 @@ def markdown(rows: list[dict], args, mode: str, extra: list[str]) -> str:
               f"mean +- std over {n} distillation seeds ({', '.join(map(str, seed_sets[0]))}), each the mean of its "
               "evaluation repeats" if n > 1 else
               f"seed {seed_sets[0][0]}, mean +- population std over the evaluation repeats")
-    lines = [f"Fashion-MNIST-LT, {mode} mode, {args.labels} labels, "
+    track = {"soft-online": "soft labels from the teacher for every batch (eval.relabel=online) on the hard-label "
+                            "sets"}.get(args.labels, f"{args.labels} labels")
+    lines = [f"Fashion-MNIST-LT, {mode} mode, {track}, "
              f"{args.split} split; accuracy %, {spread}"
              + (f"; overrides for every method: `{' '.join(extra)}`" if extra else "")]
     groups = list(dict.fromkeys((r["order"], r["ipc"], r["arch"]) for r in rows))

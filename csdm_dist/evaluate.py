@@ -283,8 +283,10 @@ def eval_record_name(ev: EvalConfig) -> str:
     return f"eval-{ev.protocol}-{ev.epochs}ep-x{ev.repeats}" + "".join(f"-{t}" for t in tags if t) + ".json"
 
 
-def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
-    """Evaluate any distilled.pt with its own config's eval settings, updated by `overrides` (eval keys)."""
+def evaluate_file(path: Path, overrides: dict, device: str = "auto", teacher: Optional[str] = None) -> dict:
+    """Evaluate any distilled.pt with its own config's eval settings, updated by `overrides` (eval keys).
+    `teacher`: the teacher file of eval.relabel=online (None: the one of the set's config, labels.teacher or the
+    default path of its teacher.* settings); its provenance is checked against the set's config all the same."""
     from omegaconf import OmegaConf
 
     from .config import to_config
@@ -301,21 +303,29 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
         from .errors import UserError
         raise UserError(f"{path} stores class_counts {s.real_counts}, not one count per class of its "
                         f"{cfg.dataset.num_classes} classes; the file is damaged or not from csdm_dist.distill")
+    if teacher is not None:
+        if ev.relabel != "online":
+            from .errors import UserError
+            raise UserError(f"teacher={teacher}: a teacher file labels the batches of eval.relabel=online only (this "
+                            f"evaluation has eval.relabel={ev.relabel}); pass eval.labels=soft eval.relabel=online, "
+                            "or leave teacher out")
+        cfg = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, teacher=str(teacher)))
     soft_probs = temperature = None
     if ev.labels == "soft" and ev.relabel == "none":  # checked before anything starts
         soft_probs, temperature = stored_soft_targets(s)
     rt = init_distributed(device)
     try:
-        relabel = None
+        relabel, used = None, None
         if ev.relabel == "online":  # SRe2L: the teacher labels every augmented batch
             from .data.shards import load_manifest
             from .teacher import load_teacher
 
-            teacher = load_teacher(cfg, load_manifest(dataset_dir(cfg.dataset)), rt.device)
+            labeller = load_teacher(cfg, load_manifest(dataset_dir(cfg.dataset)), rt.device)
             temperature = cfg.labels.temperature
+            used = {"path": str(labeller.path), "sha256": labeller.sha256}
 
             def online(x: Tensor) -> Tensor:
-                return teacher.logits(x, cfg.labels.prior_adjust)
+                return labeller.logits(x, cfg.labels.prior_adjust)
             relabel = online
         test = read_split(dataset_dir(cfg.dataset), ev.split, 0, 1, cfg=cfg.dataset)
         norm = Normalizer.build(s.mean, s.std, rt.device)
@@ -326,7 +336,7 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto") -> dict:
         if rt.is_main:
             out = path.parent / eval_record_name(ev)
             files.write_json(out, {"distilled": str(path), "distilled_sha256": s.sha256, "eval": vars(ev),
-                                   "labels": ev.labels, "temperature": temperature, "accuracy": acc,
+                                   "labels": ev.labels, "temperature": temperature, "teacher": used, "accuracy": acc,
                                    "eval_s": time.perf_counter() - t0})
             track = ev.labels + (" (online relabelling)" if relabel is not None else "")
             print(f"{path}: {cfg.method.name}, {ev.protocol} protocol, {ev.epochs} epochs x {ev.repeats} repeats, "
@@ -347,6 +357,7 @@ def cli_schema() -> type:
         (f.name, Optional[hints[f.name]], dataclasses.field(default=None)) for f in dataclasses.fields(EvalConfig)])
     return dataclasses.make_dataclass("EvaluateCli", [
         ("distilled", str, dataclasses.field(default="???")), ("device", str, dataclasses.field(default="auto")),
+        ("teacher", Optional[str], dataclasses.field(default=None)),
         ("eval", overrides, dataclasses.field(default_factory=overrides))])
 
 
@@ -363,7 +374,7 @@ def _hydra_main() -> None:
     def main(dcfg: DictConfig) -> None:
         with one_line_errors(log):
             given = {k: v for k, v in OmegaConf.to_container(dcfg.eval).items() if v is not None}
-            evaluate_file(Path(dcfg.distilled), given, dcfg.device)
+            evaluate_file(Path(dcfg.distilled), given, dcfg.device, dcfg.teacher)
 
     main()
 

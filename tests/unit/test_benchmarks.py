@@ -523,3 +523,23 @@ def test_quality_soft_track_end_to_end(tmp_path):
         res = json.loads((run / "results.json").read_text())
         assert res["labels"] == "soft" and res["accuracy"]["labels"] == "soft"
         assert "soft_labels" in torch.load(run / "distilled.pt", weights_only=False)
+    # soft-online: the hard track's sets (distilled here with hard labels), labelled by the same teacher per batch
+    from csdm_dist.errors import UserError
+    from csdm_dist.evaluate import evaluate_file
+
+    online = quality.main(["--quick", "--labels", "soft-online", "--if", "10", "--ipc", "2", "--methods", "csdm",
+                           "--steps", "2", *argv[argv.index("--raw-root"):]])
+    assert online["labels"] == "soft-online" and online["teachers"]["natural IF 10"] == teacher  # not trained again
+    (row,) = online["rows"]
+    run = tmp_path / "out" / "natural" / "if10" / "ipc2" / "csdm" / "seed0"
+    assert json.loads((run / "results.json").read_text())["labels"] == "hard"
+    assert "soft_labels" not in torch.load(run / "distilled.pt", weights_only=False)
+    rec = json.loads((run / "eval-dm-1ep-x1-soft-online.json").read_text())
+    assert rec["teacher"] == {"path": teacher["path"], "sha256": teacher["sha256"]}
+    assert (rec["accuracy"]["labels"], rec["accuracy"]["relabel"]) == ("soft", "online")
+    assert row["labels"] == "soft" and row["mean"] == rec["accuracy"]["mean"]
+    assert row["settings"]["labels"]["relabel"] == "online" and row["settings"]["labels"]["kind"] == "hard"
+    assert row["per_seed"][0]["teacher_sha256"] == teacher["sha256"]
+    assert "soft labels from the teacher for every batch" in (tmp_path / "out" / "quality.md").read_text()
+    with pytest.raises(UserError, match=r"teacher=.*eval\.relabel=online only"):  # a teacher for stored labels
+        evaluate_file(run / "distilled.pt", {}, "cpu", teacher=teacher["path"])
