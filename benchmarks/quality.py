@@ -193,6 +193,7 @@ def main(argv=None) -> dict:
                 teachers[f"{order} IF {imb:g}"] = teacher = teacher_record(path)
                 if args.labels == "soft":  # stored at the end of every distillation
                     soft = ["labels.kind=soft", f"labels.teacher={path}"]
+            relabeller = teacher if args.labels == "soft-online" else None  # labels every batch of the hard sets
             for ipc in args.ipc:
                 for method in args.methods:
                     seeds: dict[str, list[dict]] = {}  # arch -> one result per seed
@@ -212,13 +213,12 @@ def main(argv=None) -> dict:
                                 run(cmd, log)
                         res = json.loads((run_dir / "results.json").read_text())
                         own = res["config"]["eval"]["arch"]
-                        online = args.labels == "soft-online"
                         for arch in args.archs or [own]:
                             log = out / (f"{order}-if{imb:g}-ipc{ipc}-{track}-s{seed}-eval-{arch}"
-                                         f"{'-soft-online' if online else ''}.log")
-                            on_arch = res if arch == own and not online else arch_result(
+                                         f"{'-soft-online' if relabeller else ''}.log")
+                            on_arch = res if arch == own and relabeller is None else arch_result(
                                 run_dir, res, arch, args.device, log, t_start, cell,
-                                args.arch_repeats if arch != own else None, teacher if online else None)
+                                args.arch_repeats if arch != own else None, relabeller)
                             seeds.setdefault(arch, []).append(seed_result(seed, on_arch))
                     rows += [cell_row(order, imb, ipc, method, "hard" if args.labels == "hard" else "soft", arch, s)
                              for arch, s in seeds.items()]

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from . import files, rng
 from .augment import NUM_UNIFORMS, OPS, augment
 from .config import EvalConfig, ExtractorConfig
+from .errors import UserError
 from .models import build_network, reinit_
 from .softlabels import kd_loss, soft_targets
 
@@ -248,7 +249,6 @@ def stored_soft_targets(s: DecodedSet) -> tuple[Tensor, float]:
     """(the target probabilities [n_decoded, C] of a decoded distilled.pt, the temperature to train at); ConfigError
     naming eval.labels when the set has none, UserError when they come without a temperature."""
     from .config import ConfigError
-    from .errors import UserError
 
     if s.soft is None:
         raise ConfigError(f"invalid config `eval.labels`: soft trains on the set's soft labels, but {s.path} has none "
@@ -300,12 +300,10 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto", teacher: Op
     cfg = to_config(s.config)
     ev = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.eval), overrides))
     if len(s.real_counts) != cfg.dataset.num_classes:  # the many / medium / few groups are drawn from them
-        from .errors import UserError
         raise UserError(f"{path} stores class_counts {s.real_counts}, not one count per class of its "
                         f"{cfg.dataset.num_classes} classes; the file is damaged or not from csdm_dist.distill")
     if teacher is not None:
         if ev.relabel != "online":
-            from .errors import UserError
             raise UserError(f"teacher={teacher}: a teacher file labels the batches of eval.relabel=online only (this "
                             f"evaluation has eval.relabel={ev.relabel}); pass eval.labels=soft eval.relabel=online, "
                             "or leave teacher out")
