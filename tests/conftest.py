@@ -7,15 +7,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+SUBPROCESS_TMP = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
     tempfile.gettempdir()  # this process (pytest's own tmp_path folders) keeps the machine's temporary folder
-    config._subprocess_tmp = tempfile.mkdtemp(prefix="csdm-tests-subprocesses-")
-    os.environ["TMPDIR"] = config._subprocess_tmp
+    config.stash[SUBPROCESS_TMP] = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="csdm-tests-subprocesses-")
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(config._subprocess_tmp, ignore_errors=True)
+    shutil.rmtree(config.stash[SUBPROCESS_TMP], ignore_errors=True)
 
