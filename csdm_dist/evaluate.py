@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import files, rng
 from .augment import NUM_UNIFORMS, OPS, augment
-from .config import EvalConfig, ExtractorConfig
+from .config import ConfigError, EvalConfig, ExtractorConfig, to_config
 from .errors import UserError
 from .models import build_network, reinit_
 from .softlabels import kd_loss, soft_targets
@@ -248,8 +248,6 @@ def summarise(last: Tensor, best: Tensor, counts: list[int]) -> dict:
 def stored_soft_targets(s: DecodedSet) -> tuple[Tensor, float]:
     """(the target probabilities [n_decoded, C] of a decoded distilled.pt, the temperature to train at); ConfigError
     naming eval.labels when the set has none, UserError when they come without a temperature."""
-    from .config import ConfigError
-
     if s.soft is None:
         raise ConfigError(f"invalid config `eval.labels`: soft trains on the set's soft labels, but {s.path} has none "
                           "(it was distilled with labels.kind=hard); pass eval.labels=hard, or eval.relabel=online "
@@ -289,7 +287,6 @@ def evaluate_file(path: Path, overrides: dict, device: str = "auto", teacher: Op
     default path of its teacher.* settings); its provenance is checked against the set's config all the same."""
     from omegaconf import OmegaConf
 
-    from .config import to_config
     from .data.shards import dataset_dir, read_split
     from .dist import close_distributed, init_distributed
     from .distiller import Normalizer
