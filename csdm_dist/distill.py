@@ -195,11 +195,12 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
     soft = None
     if cfg.labels.kind == "soft":  # the teacher's logits of every decoded image, in decoded order, prior-shifted
         soft = teacher.logits(formation.decode(final, cfg.synthetic.factor), cfg.labels.prior_adjust).cpu()
+    written = None  # the sha256 of the distilled.pt this run wrote (rank 0)
     if rt.is_main:  # the stored images (ipc per class) and their factor: formation.decode_set gives the samples
-        files.save_torch({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor,
-                          "class_counts": counts, "config": asdict(cfg),
-                          "mean": cfg.dataset.mean, "std": cfg.dataset.std,
-                          **soft_label_record(cfg, soft, teacher)}, run_dir / "distilled.pt")
+        written = files.save_torch({"images": final.cpu(), "labels": labels, "factor": cfg.synthetic.factor,
+                                   "class_counts": counts, "config": asdict(cfg),
+                                   "mean": cfg.dataset.mean, "std": cfg.dataset.std,
+                                   **soft_label_record(cfg, soft, teacher)}, run_dir / "distilled.pt")
         save_image(distiller.norm.to_unit(final), run_dir / "synthetic.png", nrow=cfg.ipc)
 
     results = {"config": asdict(cfg), "config_hash": config_hash(cfg), "git_commit": git_commit(), "seed": cfg.seed,
@@ -234,7 +235,7 @@ def distil_and_evaluate(cfg: Config, rt: Runtime, distiller: Distiller, picked: 
         results["timing"]["eval_at_steps_s"] = at_steps.seconds
     results["peak_memory"] = peak_memory_mb(rt.device)
     if rt.is_main:  # the set these results describe (a run distilled further since has another distilled.pt)
-        results["distilled_sha256"] = files.file_sha256(run_dir / "distilled.pt")
+        results["distilled_sha256"] = written
         files.write_json(run_dir / "results.json", results)
         print(results_table(results, cfg))
         print(f"\nrun directory: {run_dir}\nTensorBoard:   {tensorboard_command(run_dir)}")

@@ -45,8 +45,17 @@ def write_json(path: Path | str, obj: Any, indent: int | None = 1) -> Path:
     return write_text(path, json.dumps(obj, indent=indent))
 
 
-def save_torch(obj: Any, path: Path | str) -> Path:
-    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+def save_torch(obj: Any, path: Path | str) -> str:
+    """torch.save(obj) to `path` atomically; returns the sha256 of the bytes written, hashed before the rename, so a
+    record names the file this process wrote even if another replaces it afterwards."""
+    sha256 = []
+
+    def write(tmp: Path) -> None:
+        torch.save(obj, tmp)
+        sha256.append(file_sha256(tmp))
+
+    write_atomic(path, write)
+    return sha256[0]
 
 
 def stream_sha256(f: BinaryIO) -> str:

@@ -309,10 +309,10 @@ def train_teacher(cfg: Config, rt: Runtime) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             log.info("replacing the teacher at %s", path)
-        files.save_torch({"kind": TEACHER_KIND, "format": TEACHER_FORMAT, "provenance": prov,
-                          "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                          "teacher": asdict(cfg.teacher), "seed": cfg.seed, "accuracy": acc}, path)
-        record = {"teacher": str(path), "sha256": files.file_sha256(path), "provenance": prov,
+        sha256 = files.save_torch({"kind": TEACHER_KIND, "format": TEACHER_FORMAT, "provenance": prov,
+                                   "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                                   "teacher": asdict(cfg.teacher), "seed": cfg.seed, "accuracy": acc}, path)
+        record = {"teacher": str(path), "sha256": sha256, "provenance": prov,
                   "teacher_config": asdict(cfg.teacher), "seed": cfg.seed, "world_size": rt.world_size,
                   "split": "test", "accuracy": acc, "accuracy_decoded": decoded,
                   "bn_pass": {"per_class": per_class, "batches": bn_batches},

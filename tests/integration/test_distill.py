@@ -12,6 +12,7 @@ from csdm_dist.config import ConfigError, to_config
 from csdm_dist.dist import close_distributed, init_distributed
 from csdm_dist.distill import run
 from csdm_dist.evaluate import evaluate_file
+from csdm_dist.files import file_sha256
 from csdm_dist.pretrain import pretrain
 from runs import TINY, compose_cfg, distil
 
@@ -28,6 +29,7 @@ def test_end_to_end_writes_every_output(data_overrides, tmp_path):
     assert {"many", "medium", "few"} <= acc.keys() and saved["timing"]["steps"] == 4
     blob = torch.load(out / "distilled.pt", weights_only=False)
     assert blob["images"].shape == (20, 1, 28, 28) and blob["labels"].tolist() == [c for c in range(10) for _ in "ab"]
+    assert saved["distilled_sha256"] == file_sha256(out / "distilled.pt")  # the set these results describe
     assert (out / "synthetic.png").stat().st_size > 0
     assert any((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "step-000004" / "meta.json").is_file()

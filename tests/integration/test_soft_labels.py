@@ -59,6 +59,7 @@ def test_teacher_file_and_its_results(teacher_file):
     assert prov["arch"] == "convnet" and prov["loss"] == "logit_adjusted" and prov["tau"] == 1.0
     assert prov["counts"] == [30, 23, 17, 13, 10, 8, 6, 5, 3, 3] and prov["ids_hash"] and prov["data_config_hash"]
     record = json.loads(results_path(teacher_file).read_text())
+    assert record["sha256"] == file_sha256(teacher_file)
     acc = record["accuracy"]
     assert record["split"] == "test" and 0 <= acc["mean"] <= 100 and len(acc["per_class"]) == 10
     assert {"many", "medium", "few"} <= acc.keys()

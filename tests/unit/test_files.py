@@ -89,8 +89,9 @@ def test_sha256_in_blocks_is_the_sha256_of_the_bytes(tmp_path):
 def test_load_torch_gives_the_contents_and_the_sha256_of_the_same_bytes(tmp_path):
     path = tmp_path / "t.pt"
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
-    files.save_torch({"x": x, "name": "first"}, path)
+    written = files.save_torch({"x": x, "name": "first"}, path)
     first = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert written == first  # save_torch names the bytes it wrote
     blob, sha = files.load_torch(path, weights_only=True)
     assert sha == first and blob["name"] == "first"
     torch.testing.assert_close(blob["x"], x, rtol=0, atol=0)
