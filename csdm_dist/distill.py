@@ -33,7 +33,7 @@ from .data.shards import MANIFEST, dataset_dir, load_manifest, read_split
 from .dist import ParallelLayout, Runtime, all_reduce_sum, close_distributed, init_distributed
 from .distiller import Distiller, Normalizer, RealData
 from .evaluate import evaluate_set
-from .extractors import resolve_precision
+from .extractors import Extractor, resolve_precision
 from .memory import available_bytes, check_fits, estimate_from_counts, human
 from .runinfo import config_hash, git_commit, hardware, peak_memory_mb
 from .softlabels import FP32_BYTES, soft_targets
@@ -55,15 +55,22 @@ def load_real(cfg: Config, layout: ParallelLayout, device: torch.device, manifes
     check_counts(counts, read, manifest_path=ddir / MANIFEST, rebuild=rebuild_hint(ddir, cfg.dataset))
     real = RealData(shard.images.to(device), shard.labels.to(device), shard.ids.to(device), counts)
     log.info("rank %d holds %d of %d real images", layout.shard_rank, len(shard.labels), int(counts.sum()))
-    if cfg.real_source == "features":
+    if cfg.real_source == "features":  # checked against the loaded pool by check_features
         folder = features_dir(cfg)
-        fm = load_features_manifest(folder)
-        check_provenance(folder, fm, provenance(cfg, manifest, files.file_sha256(Path(cfg.extractor.pool_path))))
         f = read_features(folder, layout.shard_rank, layout.shards)
         real.features = FeatureData(f.feats.to(device), f.labels.to(device), f.ids.to(device))
         log.info("rank %d holds %d real feature vectors x %d members x %d views from %s", layout.shard_rank,
                  f.feats.shape[2], f.feats.shape[0], f.feats.shape[1], folder)
     return real
+
+
+def check_features(cfg: Config, manifest: dict, extractor: Extractor, features: FeatureData) -> None:
+    """The feature shards against this dataset build and the pool the extractor holds: its sha256 is of the very
+    bytes the extractor loaded, so the check and the run see one pool file however it is replaced meanwhile."""
+    folder = features_dir(cfg)
+    check_provenance(folder, load_features_manifest(folder), provenance(cfg, manifest, extractor.pool_sha256))
+    if features.feats.shape[0] != len(extractor.pool):
+        raise ValueError("the feature shards hold another number of pool members than extractor.pool_path")
 
 
 def check_dataset(cfg: Config, manifest: dict, ddir: Path) -> None:
@@ -151,8 +158,7 @@ def _run(cfg: Config, rt: Runtime, stop: StopSignal | None, overrides, started, 
     distiller = Distiller(cfg, rt, layout, real, syn, norm, NullLogger(), run_dir,
                           teacher=None if teacher is None else teacher.net)
     if real.features is not None:
-        if real.features.feats.shape[0] != len(distiller.extractor.pool):
-            raise ValueError("the feature shards hold another number of pool members than extractor.pool_path")
+        check_features(cfg, manifest, distiller.extractor, real.features)
         real.images = real.images[:0]  # the images served the initialisation; statistics come from the features
 
     # the run has started: its records, its log file and TensorBoard
