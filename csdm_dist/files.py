@@ -22,40 +22,38 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 
-def write_atomic(path: Path | str, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)` writes the whole file at `tmp`, a name beside `path`; then tmp replaces `path`. If `write`
-    raises (or the process is interrupted), `path` is left as it was and tmp is removed."""
+def write_atomic(path: Path | str, write: Callable[[Path], Any]) -> Any:
+    """`write(tmp)` writes the whole file at `tmp`, a name beside `path`; then tmp replaces `path`, and what `write`
+    returned is returned. If `write` raises (or the process is interrupted), `path` is left as it was and tmp is
+    removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden, and one per process
     try:
-        write(tmp)
+        result = write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return result
 
 
-def write_text(path: Path | str, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
+def write_text(path: Path | str, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-def write_json(path: Path | str, obj: Any, indent: int | None = 1) -> Path:
+def write_json(path: Path | str, obj: Any, indent: int | None = 1) -> None:
     """json.dumps first, so an object that does not serialise raises before anything is written."""
-    return write_text(path, json.dumps(obj, indent=indent))
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 def save_torch(obj: Any, path: Path | str) -> str:
     """torch.save(obj) to `path` atomically; returns the sha256 of the bytes written, hashed before the rename, so a
     record names the file this process wrote even if another replaces it afterwards."""
-    sha256 = []
-
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> str:
         torch.save(obj, tmp)
-        sha256.append(file_sha256(tmp))
+        return file_sha256(tmp)
 
-    write_atomic(path, write)
-    return sha256[0]
+    return write_atomic(path, write)
 
 
 def stream_sha256(f: BinaryIO) -> str:
